@@ -1,0 +1,343 @@
+"""Pydantic models of the p-video-avatar API: the single truth about its parameters and bodies.
+
+Every name, enum, range and default the client, the local server, the CLI and the Prefect forms
+use comes from here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MODEL_SLUG = "p-video-avatar"
+
+Voice = Literal[
+    "Zephyr (Female)", "Puck (Male)", "Charon (Male)", "Kore (Female)", "Fenrir (Male)",
+    "Leda (Female)", "Orus (Male)", "Aoede (Female)", "Callirrhoe (Female)", "Autonoe (Female)",
+    "Enceladus (Male)", "Iapetus (Male)", "Umbriel (Male)", "Algieba (Male)", "Despina (Female)",
+    "Erinome (Female)", "Algenib (Male)", "Rasalgethi (Male)", "Laomedeia (Female)",
+    "Achernar (Female)", "Alnilam (Male)", "Schedar (Male)", "Gacrux (Female)",
+    "Pulcherrima (Female)", "Achird (Male)", "Zubenelgenubi (Male)", "Vindemiatrix (Female)",
+    "Sadachbia (Male)", "Sadaltager (Male)", "Sulafat (Female)",
+]
+VoiceLanguage = Literal[
+    "English (US)", "English (UK)", "Spanish", "French", "German", "Italian",
+    "Portuguese (Brazil)", "Japanese", "Korean", "Hindi",
+]
+Resolution = Literal["720p", "1080p"]
+Status = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+
+VOICES: tuple[str, ...] = get_args(Voice)
+VOICE_LANGUAGES: tuple[str, ...] = get_args(VoiceLanguage)
+RESOLUTIONS: tuple[str, ...] = get_args(Resolution)
+STATUSES: tuple[str, ...] = get_args(Status)
+FINAL_STATUSES = frozenset({"COMPLETED", "FAILED"})
+
+RESOLUTION_SIZE: dict[str, tuple[int, int]] = {"720p": (1280, 720), "1080p": (1920, 1080)}
+# Pruna's published price, per output second.
+PRICE_PER_SECOND: dict[str, float] = {"720p": 0.025, "1080p": 0.045}
+
+SEED_MIN, SEED_MAX = -1, 999_999_999_999_999
+STRENGTH_MIN, STRENGTH_MAX = 0.0, 4.0
+
+DEFAULT_VOICE_SCRIPT = (
+    "Hi there! Welcome to Segmind, where a single photo becomes a lifelike, "
+    "lip-synced talking avatar."
+)
+DEFAULT_VOICE: Voice = "Zephyr (Female)"
+DEFAULT_VOICE_LANGUAGE: VoiceLanguage = "English (US)"
+DEFAULT_VOICE_PROMPT = "Say the following."
+DEFAULT_VIDEO_PROMPT = "The person is talking."
+DEFAULT_NEGATIVE_PROMPT = ""
+DEFAULT_STRENGTH_NEGATIVE_PROMPT = 0.5
+DEFAULT_RESOLUTION: Resolution = "720p"
+
+_DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*(;base64)?,", re.IGNORECASE)
+
+
+def voice_gender(voice: str) -> str:
+    """'female' or 'male', read from the voice's name ('Kore (Female)' -> 'female')."""
+    return "female" if voice.endswith("(Female)") else "male"
+
+
+def is_media_reference(value: str) -> bool:
+    """True for what the API fetches: an http(s) URL or a data: URI."""
+    return value.startswith(("http://", "https://")) or bool(_DATA_URI.match(value))
+
+
+def _check_media(field: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not is_media_reference(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise ValueError(
+            f"{field}={shown!r} is not a media reference; allowed: an http(s) URL or a data: URI"
+        )
+    return value
+
+
+def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    return value
+
+
+class AvatarRequest(BaseModel):
+    """The body of POST /v2/p-video-avatar: every parameter on the vendor's page."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="First-frame portrait (jpg, jpeg, png or webp): URL or data: URI.")
+    audio: str | None = Field(
+        default=None, description="Audio URL or data: URI to lip-sync; overrides voice_script."
+    )
+    voice_script: str = Field(
+        default=DEFAULT_VOICE_SCRIPT, description="Text the avatar speaks when no audio is given."
+    )
+    voice: Voice = Field(default=DEFAULT_VOICE, description="One of 30 built-in TTS voices.")
+    voice_language: VoiceLanguage = Field(
+        default=DEFAULT_VOICE_LANGUAGE, description="Speech language for voice_script."
+    )
+    voice_prompt: str = Field(
+        default=DEFAULT_VOICE_PROMPT, description="Tone, pace and emotion, not the words."
+    )
+    video_prompt: str = Field(
+        default=DEFAULT_VIDEO_PROMPT, description="Framing, motion and background."
+    )
+    negative_prompt: str = Field(
+        default=DEFAULT_NEGATIVE_PROMPT, description="What to avoid in the video."
+    )
+    strength_negative_prompt: float = Field(
+        default=DEFAULT_STRENGTH_NEGATIVE_PROMPT,
+        description=f"Negative-prompt intensity, {STRENGTH_MIN:g} to {STRENGTH_MAX:g}.",
+    )
+    seed: int | None = Field(
+        default=None, description=f"Random seed, {SEED_MIN} to {SEED_MAX}; -1 or null is random."
+    )
+    resolution: Resolution = Field(default=DEFAULT_RESOLUTION, description="720p or 1080p.")
+    disable_safety_filter: bool = Field(
+        default=True, description="Skips safety checks on prompts and image when true."
+    )
+    disable_prompt_upsampling: bool = Field(
+        default=False, description="Skips prompt enhancement when true."
+    )
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"image={v!r} is required: an http(s) URL or a data: URI")
+        return _check_media("image", v)
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _audio(cls, v: Any) -> Any:
+        if v in (None, ""):
+            return None
+        if not isinstance(v, str):
+            raise ValueError(f"audio={v!r} is not a string; allowed: an http(s) URL or a data: URI")
+        return _check_media("audio", v)
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice(cls, v: Any) -> Any:
+        return _allowed("voice", v, VOICES)
+
+    @field_validator("voice_language", mode="before")
+    @classmethod
+    def _voice_language(cls, v: Any) -> Any:
+        return _allowed("voice_language", v, VOICE_LANGUAGES)
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution(cls, v: Any) -> Any:
+        return _allowed("resolution", v, RESOLUTIONS)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            else:
+                raise ValueError(f"seed={v!r} is not an integer; allowed: {SEED_MIN} to {SEED_MAX}")
+        if not SEED_MIN <= v <= SEED_MAX:
+            raise ValueError(f"seed={v} is out of range; allowed: {SEED_MIN} to {SEED_MAX}")
+        return v
+
+    @field_validator("strength_negative_prompt", mode="before")
+    @classmethod
+    def _strength(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(
+                f"strength_negative_prompt={v!r} is not a number; "
+                f"allowed: {STRENGTH_MIN:g} to {STRENGTH_MAX:g}"
+            )
+        if not STRENGTH_MIN <= v <= STRENGTH_MAX:
+            raise ValueError(
+                f"strength_negative_prompt={v} is out of range; "
+                f"allowed: {STRENGTH_MIN:g} to {STRENGTH_MAX:g}"
+            )
+        return float(v)
+
+    @field_validator(
+        "voice_script", "voice_prompt", "video_prompt", "negative_prompt", mode="before"
+    )
+    @classmethod
+    def _text(cls, v: Any, info: Any) -> Any:
+        if not isinstance(v, str):
+            raise ValueError(f"{info.field_name}={v!r} is not a string")
+        return v
+
+    @field_validator("voice_script")
+    @classmethod
+    def _script_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("voice_script='' is empty; give the words to speak, or an audio")
+        return v
+
+    @property
+    def random_seed(self) -> bool:
+        return self.seed is None or self.seed == -1
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body as sent: unset optional media and a null seed left out."""
+        return self.model_dump(exclude_none=True)
+
+
+class ContractError(ValueError):
+    """A request that breaks the contract; the message names each field, value and what is allowed."""
+
+    def __init__(self, message: str, fields: list[str]):
+        super().__init__(message)
+        self.fields = fields
+
+
+def explain(error: ValidationError) -> ContractError:
+    """Turn pydantic's error list into one message that names field, value and what is allowed."""
+    parts, fields = [], []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "body"
+        fields.append(field)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            msg = f"{field} is required"
+        elif e["type"] == "extra_forbidden":
+            msg = f"{field} is not a parameter of {MODEL_SLUG}; allowed: {', '.join(AvatarRequest.model_fields)}"
+        elif not msg.startswith(field):
+            msg = f"{field}={e.get('input')!r}: {msg}"
+        parts.append(msg)
+    return ContractError("; ".join(parts), fields)
+
+
+def parse_request(data: Any) -> AvatarRequest:
+    """Validate a body; raise ContractError with a readable message on any violation."""
+    try:
+        return AvatarRequest.model_validate(data)
+    except ValidationError as e:
+        raise explain(e) from None
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SubmitResponse(_Tolerant):
+    request_id: str
+    status: str = "QUEUED"
+    status_url: str | None = None
+    response_url: str | None = None
+    poll_url: str | None = None
+
+
+class StatusResponse(_Tolerant):
+    request_id: str | None = None
+    status: str
+    error: str | None = None
+
+
+class VideoInfo(_Tolerant):
+    url: str | None = None
+    content_type: str | None = None
+    file_name: str | None = None
+    file_size: int | None = None
+
+
+class Metrics(_Tolerant):
+    inference_time: float | None = None
+    queue_time: float | None = None
+    total_time: float | None = None
+    cost: float | None = None
+    remaining_credits: float | None = None
+
+
+class ResultResponse(_Tolerant):
+    request_id: str | None = None
+    status: str
+    output: Any = None
+    video: VideoInfo | None = None
+    metrics: Metrics | None = None
+    error: str | None = None
+
+    @property
+    def output_url(self) -> str | None:
+        if self.video and self.video.url:
+            return self.video.url
+        if isinstance(self.output, str):
+            return self.output
+        if isinstance(self.output, list) and self.output and isinstance(self.output[0], str):
+            return self.output[0]
+        if isinstance(self.output, dict):
+            return self.output.get("url") or self.output.get("video")
+        return None
+
+
+class HistoryRecord(_Tolerant):
+    """One row of the vendor's request history (any age, unlike the 1-hour request record)."""
+
+    request_id: str
+    model_name: str | None = None
+    model_status: str | None = None
+    status: str | None = None
+    request_body: Any = None
+    generation_url: Any = None
+    credits_deduction: float | None = None
+    latency_ms: float | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    error: str | None = None
+
+    @property
+    def state(self) -> str | None:
+        return self.model_status or self.status
+
+    @property
+    def output_url(self) -> str | None:
+        g = self.generation_url
+        if isinstance(g, list):
+            g = g[0] if g else None
+        return g if isinstance(g, str) and g else None
+
+
+def history_rows(body: Any) -> list[HistoryRecord]:
+    """The rows of a history list page, whatever key the page keeps them under."""
+    rows: Any = body
+    if isinstance(body, dict):
+        for key in ("data", "items", "results", "records", "requests", "rows"):
+            if isinstance(body.get(key), list):
+                rows = body[key]
+                break
+            if isinstance(body.get(key), dict):
+                return history_rows(body[key])
+        else:
+            rows = []
+    return [HistoryRecord.model_validate(r) for r in rows if isinstance(r, dict) and "request_id" in r]
+
+
+def cost_of(seconds: float, resolution: str) -> float:
+    """What the vendor charges for an output of this length, in USD."""
+    return round(seconds * PRICE_PER_SECOND[resolution], 6)
