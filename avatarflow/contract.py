@@ -40,6 +40,7 @@ RESOLUTION_SIZE: dict[str, tuple[int, int]] = {"720p": (1280, 720), "1080p": (19
 PRICE_PER_SECOND: dict[str, float] = {"720p": 0.025, "1080p": 0.045}
 
 SEED_MIN, SEED_MAX = -1, 999_999_999_999_999
+EXPECTED_DURATION_S = 100.0  # the vendor page's typical latency (~98 s)
 STRENGTH_MIN, STRENGTH_MAX = 0.0, 4.0
 
 DEFAULT_VOICE_SCRIPT = (

@@ -1,0 +1,255 @@
+"""The `avatarflow` command: run, resume, demo, local services, blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+
+from avatarflow import contract
+
+app = typer.Typer(help="Talking-avatar videos through the p-video-avatar API, archived in S3.", no_args_is_help=True)
+blocks_app = typer.Typer(help="Prefect blocks: credentials, archive, presets.", no_args_is_help=True)
+app.add_typer(blocks_app, name="blocks")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_PORTRAIT = ASSETS / "portrait.jpg"
+
+
+def _local_app() -> typer.Typer:
+    from avatarflow.local.cli import local_app
+
+    return local_app
+
+
+local_app = _local_app()
+app.add_typer(local_app, name="local", help="Local services: the p-video-avatar API and S3 on loopback.")
+
+
+def load_flow(name: str) -> Any:
+    """A flow from flows/ by module name (the library never imports flows/ statically)."""
+    return getattr(importlib.import_module(f"flows.{name}"), name)
+
+
+def _print_services(svcs: Any) -> None:
+    if svcs.s3:
+        state = "up" if svcs.s3.answering or svcs.s3.running else "down"
+        typer.echo(f"s3   {state:5} {svcs.s3.endpoint_url}  bucket={svcs.s3.bucket}  pid={svcs.s3.pid}")
+    if svcs.api:
+        state = "up" if svcs.api.answering or svcs.api.running else "down"
+        typer.echo(f"api  {state:5} {svcs.api.base_url}  pid={svcs.api.pid}")
+    typer.echo(f"home {svcs.home}")
+
+
+@local_app.command("up")
+def local_up(
+    api: bool = typer.Option(True, "--api/--no-api", help="Also start the local p-video-avatar API."),
+) -> None:
+    """Start (or reuse) the local S3 (SeaweedFS) and the local API on loopback."""
+    from avatarflow.local import services
+
+    _print_services(services.up(with_api=api))
+
+
+@local_app.command("down")
+def local_down() -> None:
+    """Stop the local services."""
+    from avatarflow.local import services
+
+    services.down()
+    typer.echo("stopped")
+
+
+@local_app.command("status")
+def local_status() -> None:
+    """Show the local services and whether they answer."""
+    from avatarflow.local import services
+
+    _print_services(services.status())
+
+
+def _choice(values: tuple[str, ...]) -> click.Choice:
+    return click.Choice(list(values))
+
+
+def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
+    lines = [
+        f"s3_uri:        {result['s3_uri']}",
+        f"presigned_url: {result['presigned_url']}",
+        f"manifest:      {result['manifest_uri']}",
+        f"request_id:    {result['request_id']}",
+        f"seed:          {result['seed']}{' (random)' if result['seed_random'] else ''}",
+        f"cache_hit:     {result['cache_hit']}",
+        f"cost:          {result.get('cost')}",
+    ]
+    if local_copy:
+        lines.append(f"local copy:    {local_copy}")
+    return "\n".join(lines)
+
+
+async def _download(url: str, dest: Path) -> Path:
+    from avatarflow.client import SegmindClient
+    from avatarflow.jobs import download_copy
+
+    async with SegmindClient(api_key="", base_url="http://127.0.0.1") as client:
+        return await download_copy(client, url, dest)
+
+
+def _run_flow(params: dict[str, Any], *, show_progress: bool) -> dict[str, Any]:
+    from avatarflow import progress
+    from avatarflow.spec import parse_video_request
+
+    request = parse_video_request(params.pop("request"))
+    flow = load_flow("avatar_video")
+    if not show_progress:
+        return asyncio.run(flow(request=request, **params))
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    started = time.monotonic()
+    with console.status("preparing...") as status:
+        unsubscribe = progress.subscribe(
+            lambda e: status.update(f"request {e.request_id}: {e.status} after {e.elapsed_s:.0f} s (poll {e.polls})")
+        )
+        try:
+            return asyncio.run(flow(request=request, **params))
+        finally:
+            unsubscribe()
+            console.print(f"done in {time.monotonic() - started:.1f} s")
+
+
+@app.command()
+def run(
+    image: str = typer.Option(..., help="Portrait: URL, local path, s3:// URI or data: URI."),
+    voice_script: Optional[str] = typer.Option(None, help="Text to speak (a Jinja2 template with --field)."),
+    audio: Optional[str] = typer.Option(None, help="Recording to lip-sync instead of voice_script."),
+    voice: Optional[str] = typer.Option(None, click_type=_choice(contract.VOICES), help="TTS voice."),
+    voice_language: Optional[str] = typer.Option(None, click_type=_choice(contract.VOICE_LANGUAGES)),
+    voice_prompt: Optional[str] = typer.Option(None, help="Tone, pace, emotion."),
+    video_prompt: Optional[str] = typer.Option(None, help="Framing, motion, background."),
+    negative_prompt: Optional[str] = typer.Option(None, help="What to avoid."),
+    strength_negative_prompt: Optional[float] = typer.Option(None, help="0 to 4."),
+    resolution: Optional[str] = typer.Option(None, click_type=_choice(contract.RESOLUTIONS)),
+    seed: Optional[int] = typer.Option(None, help="Reuse a seed to repeat a result (and hit the cache)."),
+    disable_safety_filter: Optional[bool] = typer.Option(None, "--disable-safety-filter/--enable-safety-filter"),
+    disable_prompt_upsampling: Optional[bool] = typer.Option(None, "--disable-prompt-upsampling/--enable-prompt-upsampling"),
+    preset: Optional[str] = typer.Option(None, help="Name of an AvatarPreset block."),
+    field: list[str] = typer.Option([], help="NAME=VALUE for the voice_script template (repeatable)."),
+    expected_seconds: Optional[float] = typer.Option(None, help="Expected processing time (shapes polling)."),
+    resubmit_expired: bool = typer.Option(False, help="Pay for a new job if the old one expired with its output."),
+    backend: Optional[str] = typer.Option(None, help="segmind or local (default: segmind when SEGMIND_API_KEY is set)."),
+    output: Optional[Path] = typer.Option(None, help="Also save a local copy of the MP4 here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Make one video, archive it in S3, print where it is."""
+    if voice_script and audio:
+        raise typer.BadParameter("give --voice-script or --audio, not both")
+    given = {
+        "image": image, "voice_script": voice_script, "audio": audio, "voice": voice,
+        "voice_language": voice_language, "voice_prompt": voice_prompt, "video_prompt": video_prompt,
+        "negative_prompt": negative_prompt, "strength_negative_prompt": strength_negative_prompt,
+        "resolution": resolution, "seed": seed, "disable_safety_filter": disable_safety_filter,
+        "disable_prompt_upsampling": disable_prompt_upsampling, "preset": preset,
+        "expected_seconds": expected_seconds, "resubmit_expired": resubmit_expired or None,
+    }
+    request = {k: v for k, v in given.items() if v is not None}
+    if field:
+        pairs = [f.split("=", 1) for f in field]
+        bad = [f for f, p in zip(field, pairs) if len(p) != 2]
+        if bad:
+            raise typer.BadParameter(f"--field {bad[0]!r} is not NAME=VALUE")
+        request["template_fields"] = dict(pairs)
+    _finish(_safe(lambda: _run_flow({"request": request, "backend": backend}, show_progress=not as_json)), output, as_json)
+
+
+def _safe(fn: Any) -> Any:
+    from avatarflow.contract import ContractError
+    from avatarflow.errors import AvatarflowError
+    from avatarflow.media import MediaError
+    from avatarflow.settings import NotConfigured
+
+    try:
+        return fn()
+    except (ContractError, MediaError, AvatarflowError, NotConfigured, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+
+
+def _finish(result: dict[str, Any], output: Path | None, as_json: bool) -> None:
+    local_copy = asyncio.run(_download(result["presigned_url"], output)) if output else None
+    if as_json:
+        typer.echo(json.dumps({**result, "local_copy": str(local_copy) if local_copy else None}, indent=2))
+    else:
+        typer.echo(_result_lines(result, local_copy))
+
+
+@app.command()
+def resume(
+    request_id: str = typer.Argument(..., help="A request id from an earlier submit."),
+    expected_seconds: float = typer.Option(contract.EXPECTED_DURATION_S),
+    backend: Optional[str] = typer.Option(None),
+    output: Optional[Path] = typer.Option(None, help="Also save a local copy here."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Poll a known request until it completes, then archive it (no new submit)."""
+    from avatarflow.jobs import resume_request
+    from avatarflow.settings import api_settings, archive_settings
+    from avatarflow.store import Store
+
+    async def go() -> dict[str, Any]:
+        a = archive_settings()
+        api = api_settings(backend)
+        async with api.client() as client:
+            return await resume_request(
+                client, Store(a.s3(), a.bucket, a.prefix), request_id,
+                expected_s=expected_seconds, backend=api.backend,
+            )
+
+    _finish(_safe(lambda: asyncio.run(go())), output, as_json)
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("out/demo.mp4"), help="Where to save a local copy."),
+    backend: Optional[str] = typer.Option(None, help="segmind (needs SEGMIND_API_KEY) or local."),
+) -> None:
+    """Start the local services, run avatar_video on the bundled portrait, print where the MP4 is."""
+    from avatarflow.local import services
+
+    chosen = backend or ("segmind" if os.environ.get("SEGMIND_API_KEY") else "local")
+    typer.echo("starting local S3" + (" and the local API" if chosen == "local" else "") + " ...")
+    _print_services(services.up(with_api=chosen == "local"))
+    result = _safe(lambda: _run_flow(
+        {"request": {"image": str(DEMO_PORTRAIT), "seed": 42}, "backend": chosen}, show_progress=True
+    ))
+    _finish(result, output, as_json=False)
+
+
+@blocks_app.command("register")
+def blocks_register(
+    prefix: str = typer.Option("avatarflow", help="Name prefix of the block documents."),
+    backend: Optional[str] = typer.Option(None),
+) -> None:
+    """Register the block types and save credentials, archive and a default preset from the
+    current settings (environment or local services)."""
+    from avatarflow.settings import api_settings, archive_settings
+
+    register = importlib.import_module("blocks.register").register_blocks
+    for name in register(api_settings(backend), archive_settings(), prefix=prefix):
+        typer.echo(f"saved block {name}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,82 @@
+"""What a user asks for: the API's parameters, with `image` and `audio` as sources of any kind
+(URL, local path, s3:// URI or data: URI) and a few pipeline options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from avatarflow.contract import EXPECTED_DURATION_S, AvatarRequest, ContractError, explain
+
+PRESET_FIELDS = (
+    "voice", "voice_language", "voice_prompt", "video_prompt", "negative_prompt",
+    "strength_negative_prompt", "resolution",
+)
+SOURCE_SCHEMES = ("http://", "https://", "s3://", "file://", "data:")
+
+
+def _check_source(field: str, value: Any) -> Any:
+    if value in (None, "") and field == "audio":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{field}={value!r} is required: a URL, a local path, an s3:// URI or a data: URI"
+        )
+    return value.strip()
+
+
+class VideoRequest(AvatarRequest):
+    """One video: every API parameter, media as sources, and how to run it."""
+
+    image: str = Field(description="Portrait (jpg, jpeg, png, webp): URL, local path, s3:// URI or data: URI.")
+    audio: str | None = Field(
+        default=None,
+        description="Voice recording to lip-sync instead of voice_script: URL, local path, s3:// URI or data: URI.",
+    )
+    preset: str | None = Field(
+        default=None, description="Name of an AvatarPreset block whose look fills the fields not given."
+    )
+    template_fields: dict[str, Any] | None = Field(
+        default=None, description="Fields that render voice_script as a Jinja2 template ({{ name }})."
+    )
+    expected_seconds: float = Field(
+        default=EXPECTED_DURATION_S, gt=0, description="Expected API processing time; shapes the polling."
+    )
+    resubmit_expired: bool = Field(
+        default=False,
+        description="Submit again (a new billed job) if the request expired and its output is gone.",
+    )
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image(cls, v: Any) -> Any:
+        return _check_source("image", v)
+
+    @field_validator("audio", mode="before")
+    @classmethod
+    def _audio(cls, v: Any) -> Any:
+        return _check_source("audio", v)
+
+    def with_preset(self, preset: dict[str, Any]) -> VideoRequest:
+        """Preset values for the look fields this request did not set itself."""
+        fill = {k: preset[k] for k in PRESET_FIELDS if k in preset and k not in self.model_fields_set}
+        return self.model_validate({**self.model_dump(exclude_unset=True), **fill})
+
+    def api_request(self, image: str, audio: str | None, voice_script: str, seed: int) -> AvatarRequest:
+        """The body to send, with staged media references and the seed actually used."""
+        fields = self.model_dump(include=set(AvatarRequest.model_fields))
+        fields.update(image=image, audio=audio, voice_script=voice_script, seed=seed)
+        return AvatarRequest.model_validate(fields)
+
+
+def parse_video_request(data: Any) -> VideoRequest:
+    try:
+        return VideoRequest.model_validate(data)
+    except Exception as e:  # pydantic ValidationError
+        if hasattr(e, "errors"):
+            raise explain(e) from None
+        raise
+
+
+__all__ = ["VideoRequest", "parse_video_request", "ContractError", "PRESET_FIELDS"]

@@ -1,0 +1,97 @@
+"""The archive bucket's layout: staged inputs, the job ledger, and archived videos with manifests.
+
+Everything another machine needs to resume or reuse a job lives here, not in process memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from avatarflow import archive
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+LOCK_POLL_S = 0.2
+
+
+@dataclass
+class Store:
+    """An S3 bucket (and key prefix) holding avatarflow's inputs, ledger and videos."""
+
+    s3: Any = field(repr=False)
+    bucket: str
+    prefix: str = ""
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def ledger_key(self, fingerprint: str) -> str:
+        return self.key("ledger", f"{fingerprint}.json")
+
+    def video_key(self, fingerprint: str) -> str:
+        return self.key("videos", fingerprint, "video.mp4")
+
+    def manifest_key(self, fingerprint: str) -> str:
+        return archive.manifest_key(self.video_key(fingerprint))
+
+    def input_key(self, sha256: str, ext: str) -> str:
+        return self.key("inputs", f"{sha256}.{ext}")
+
+    async def get_json(self, key: str) -> dict | None:
+        return await asyncio.to_thread(archive.get_json, self.s3, self.bucket, key)
+
+    async def put_json(self, key: str, obj: dict) -> None:
+        await asyncio.to_thread(archive.put_json, self.s3, self.bucket, key, obj)
+
+    async def put_json_if_absent(self, key: str, obj: dict) -> bool:
+        return await asyncio.to_thread(archive.put_json_if_absent, self.s3, self.bucket, key, obj)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.s3.delete_object, Bucket=self.bucket, Key=key)
+
+    async def presign(self, key: str, expires: int = 3600) -> str:
+        return await asyncio.to_thread(archive.presign, self.s3, self.bucket, key, expires)
+
+    async def stage(self, data: bytes, sha256: str, ext: str, content_type: str) -> str:
+        """Upload an input once (content-addressed) and return a URL the API can fetch."""
+        return await asyncio.to_thread(
+            archive.stage_bytes, self.s3, self.bucket, self.input_key(sha256, ext), data, content_type
+        )
+
+    async def cached(self, fingerprint: str) -> dict | None:
+        """The manifest of an archived video for this fingerprint, if the video is there too.
+
+        The manifest is written last, after the video is verified: its presence marks a complete
+        archive."""
+        manifest = await self.get_json(self.manifest_key(fingerprint))
+        if manifest is None:
+            return None
+        try:
+            head = await asyncio.to_thread(
+                self.s3.head_object, Bucket=self.bucket, Key=self.video_key(fingerprint)
+            )
+        except Exception:
+            return None
+        if head.get("ContentLength") != manifest.get("video", {}).get("size"):
+            return None
+        return manifest
+
+
+@asynccontextmanager
+async def exclusive(name: str) -> AsyncIterator[None]:
+    """One holder at a time per name in this process, across threads and event loops."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(name, threading.Lock())
+    while not lock.acquire(blocking=False):
+        await asyncio.sleep(LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        lock.release()

@@ -1,0 +1,25 @@
+"""Register the block types and save avatarflow's block documents from the current settings."""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from avatarflow.settings import ApiSettings, ArchiveSettings
+from blocks.archive import s3_bucket_block
+from blocks.credentials import SegmindCredentials
+from blocks.preset import AvatarPreset
+
+
+def register_blocks(api: ApiSettings, archive: ArchiveSettings, *, prefix: str = "avatarflow") -> list[str]:
+    """Save `<prefix>-api` (SegmindCredentials), `<prefix>-archive` (S3Bucket + `<prefix>-aws`
+    AwsCredentials) and `<prefix>-default` (AvatarPreset); overwrite earlier ones."""
+    for block_type in (SegmindCredentials, AvatarPreset):
+        block_type.register_type_and_schema()
+    SegmindCredentials(
+        api_key=SecretStr(api.api_key), base_url=api.base_url, history_url=api.history_url
+    ).save(f"{prefix}-api", overwrite=True)
+    bucket = s3_bucket_block(archive)
+    bucket.credentials.save(f"{prefix}-aws", overwrite=True)
+    bucket.save(f"{prefix}-archive", overwrite=True)
+    AvatarPreset().save(f"{prefix}-default", overwrite=True)
+    return [f"{prefix}-api", f"{prefix}-aws", f"{prefix}-archive", f"{prefix}-default"]

@@ -1,0 +1,151 @@
+"""avatar_video: one portrait and a script (or a recording) to an archived, lip-synced MP4."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_link_artifact, acreate_markdown_artifact
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from avatarflow import settings
+from avatarflow.jobs import Archived, VideoResult, plan_job
+from avatarflow.spec import VideoRequest
+from avatarflow.store import Store, exclusive
+from tasks.archive import archive_task, cache_lookup_task
+from tasks.poll import poll_task
+from tasks.portrait import portrait_task
+from tasks.speech import speech_task
+from tasks.submit import submit_task
+
+
+def _run_name() -> str:
+    params = flow_run.parameters or {}
+    req = params.get("request") or {}
+    if isinstance(req, BaseModel):
+        req = req.model_dump()
+    image = str(req.get("image", "portrait")).rstrip("/").rsplit("/", 1)[-1][:24]
+    words = "audio" if req.get("audio") else "-".join(str(req.get("voice_script", "")).split()[:3])[:30]
+    voice = str(req.get("voice", "Zephyr (Female)")).split(" ")[0]
+    return f"avatar-{image}-{voice}-{words}".lower()
+
+
+async def resolve(
+    credentials_block: str | None, archive_block: str | None, backend: str | None
+) -> tuple[settings.ApiSettings, Store]:
+    """API and archive from named blocks, else from the environment or the local services."""
+    if credentials_block:
+        from blocks.credentials import SegmindCredentials
+
+        api = (await SegmindCredentials.load(credentials_block)).settings()
+    else:
+        api = settings.api_settings(backend)
+    if archive_block:
+        from prefect_aws import S3Bucket
+
+        from blocks.archive import store_from_block
+
+        store = store_from_block(await S3Bucket.load(archive_block))
+    else:
+        a = settings.archive_settings()
+        store = Store(s3=a.s3(), bucket=a.bucket, prefix=a.prefix)
+    return api, store
+
+
+async def _apply_preset(request: VideoRequest) -> VideoRequest:
+    if not request.preset:
+        return request
+    from blocks.preset import AvatarPreset
+
+    return request.with_preset((await AvatarPreset.load(request.preset)).look())
+
+
+async def _report(result: VideoResult, archived: Archived) -> None:
+    key = f"avatar-{result.fingerprint[:16]}"
+    await acreate_link_artifact(
+        link=result.presigned_url, link_text=result.s3_uri, key=key,
+        description=f"Archived video (request {result.request_id}, seed {result.seed})",
+    )
+    p = archived.manifest.get("parameters", {})
+    thumb = f"![thumbnail]({result.thumbnail_url})\n\n" if result.thumbnail_url else ""
+    await acreate_markdown_artifact(
+        key=f"{key}-summary",
+        markdown=(
+            f"## Avatar video\n\n{thumb}"
+            f"| | |\n|---|---|\n"
+            f"| video | [{result.s3_uri}]({result.presigned_url}) |\n"
+            f"| manifest | `{result.manifest_uri}` |\n"
+            f"| request id | `{result.request_id}` |\n"
+            f"| voice | {p.get('voice')} / {p.get('voice_language')} |\n"
+            f"| resolution | {p.get('resolution')} |\n"
+            f"| seed | {result.seed}{' (random)' if result.seed_random else ''} |\n"
+            f"| cache hit | {result.cache_hit} |\n"
+            f"| cost | {result.cost if result.cost is not None else 'n/a'} |\n"
+            f"| duration | {archived.manifest.get('video', {}).get('duration_s')} s |\n"
+        ),
+        description="Avatar video summary",
+    )
+
+
+@flow(name="avatar_video", flow_run_name=_run_name, persist_result=False)
+async def avatar_video(
+    request: VideoRequest,
+    credentials_block: str | None = None,
+    archive_block: str | None = None,
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """Make one talking-avatar video and archive it in S3; answered from the archive when the
+    same portrait, speech, parameters and explicit seed were made before."""
+    logger = get_run_logger()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        timings[name] = now - t
+        t = now
+
+    fingerprint = None
+    try:
+        request = await _apply_preset(request)
+        api, store = await resolve(credentials_block, archive_block, backend)
+        async with api.client() as client:
+            speech = await speech_task(request, store)
+            lap("speech")
+            portrait = await portrait_task(request, store)
+            lap("portrait")
+            plan = plan_job(request, speech, portrait)
+            fingerprint = plan.fingerprint
+            logger.info("fingerprint %s, seed %s%s", plan.fingerprint, plan.seed, " (random)" if plan.seed_random else "")
+            async with exclusive(plan.fingerprint):
+                archived = await cache_lookup_task(store, plan)
+                lap("cache_lookup")
+                cache_hit = archived is not None
+                if archived is None:
+                    job = await submit_task(client, store, plan)
+                    lap("submit")
+                    job, finished = await poll_task(
+                        client, store, plan, job, request.expected_seconds, request.resubmit_expired
+                    )
+                    lap("poll")
+                    archived = await archive_task(client, store, request, plan, finished, dict(timings), api.backend)
+                    lap("archive")
+        result = VideoResult.of(archived, plan, cache_hit=cache_hit, timings=timings)
+        await _report(result, archived)
+        emit_event(
+            event="avatarflow.video.archived",
+            resource={"prefect.resource.id": f"avatarflow.video.{plan.fingerprint}", "avatarflow.s3_uri": result.s3_uri},
+            payload=result.model_dump(exclude={"presigned_url", "thumbnail_url"}),
+        )
+        return result.model_dump()
+    except Exception as e:
+        emit_event(
+            event="avatarflow.video.failed",
+            resource={"prefect.resource.id": f"avatarflow.video.{fingerprint or 'unplanned'}"},
+            payload={"error": str(e), "error_type": type(e).__name__, "image": request.image},
+        )
+        raise

@@ -1,0 +1,33 @@
+"""Prefect for tests: one test harness (temporary database) per session, and the pipeline's
+environment pointed at the real local API and the real SeaweedFS."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix):
+    """Environment for avatarflow.settings: the local API as the vendor, the test S3 as archive,
+    a key prefix of this test's own. Yields the prefix."""
+    env = {
+        "SEGMIND_API_KEY": local_api.api_key,
+        "SEGMIND_BASE_URL": local_api.base_url,
+        "AVATARFLOW_S3_BUCKET": s3_settings["bucket"],
+        "AVATARFLOW_S3_ENDPOINT_URL": s3_settings["endpoint_url"],
+        "AWS_ACCESS_KEY_ID": s3_settings["access_key"],
+        "AWS_SECRET_ACCESS_KEY": s3_settings["secret_key"],
+        "AWS_REGION": s3_settings["region"],
+        "AVATARFLOW_S3_PREFIX": s3_prefix,
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return s3_prefix
