@@ -158,12 +158,16 @@ class SegmindClient:
         timeout: httpx.Timeout | float | None = None,
         max_retries: int = MAX_RETRIES,
         transport: httpx.AsyncBaseTransport | None = None,
+        limiter: Callable[[], Awaitable[Any]] | None = None,
     ):
+        """`limiter`, when given, is awaited before every API request (not output downloads):
+        the hook for an account-wide rate limit shared by many workers."""
         self._api_key = api_key if api_key is not None else os.environ.get("SEGMIND_API_KEY", "")
         self.base_url = (base_url or os.environ.get("SEGMIND_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         default_history = DEFAULT_HISTORY_URL if self.base_url == DEFAULT_BASE_URL else self.base_url
         self.history_url = (history_url or os.environ.get("SEGMIND_HISTORY_URL") or default_history).rstrip("/")
         self.max_retries = max_retries
+        self._limiter = limiter
         if timeout is None:
             timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         self._http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=True)
@@ -188,6 +192,8 @@ class SegmindClient:
         """GET with retries on 429, 5xx and transport errors."""
         attempt = 0
         while True:
+            if self._limiter is not None:
+                await self._limiter()
             try:
                 response = await self._http.get(url, params=params, headers=self._headers)
             except httpx.TimeoutException as e:
@@ -214,6 +220,8 @@ class SegmindClient:
         if not isinstance(request, AvatarRequest):
             request = AvatarRequest.model_validate(request)
         url = f"{self.base_url}/v2/{MODEL_SLUG}"
+        if self._limiter is not None:
+            await self._limiter()
         sent_at = time.time()
         try:
             response = await self._http.post(url, json=request.body(), headers=self._headers)

@@ -6,26 +6,19 @@ With no key in the environment the embedded default applies: the local API and t
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
 
 
-def home() -> Path:
-    """The project's state directory (local services, their data and logs)."""
-    return Path(os.environ.get("AVATARFLOW_HOME") or Path.cwd() / ".avatarflow").resolve()
-
-
 def local_services() -> dict[str, Any]:
-    path = home() / "services.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    """services.json of the local services (empty when none were started)."""
+    from avatarflow.local.services import load_services
+
+    svcs = load_services()
+    return svcs.to_json() if svcs else {}
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,17 @@ async def resolve(
     return api, store
 
 
+def _limiter(name: str | None) -> Any:
+    if not name:
+        return None
+    from prefect.concurrency.asyncio import rate_limit
+
+    async def take_slot() -> None:
+        await rate_limit(name, strict=False)
+
+    return take_slot
+
+
 async def _apply_preset(request: VideoRequest) -> VideoRequest:
     if not request.preset:
         return request
@@ -96,9 +107,13 @@ async def avatar_video(
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
+    rate_limit: str | None = None,
 ) -> dict[str, Any]:
     """Make one talking-avatar video and archive it in S3; answered from the archive when the
-    same portrait, speech, parameters and explicit seed were made before."""
+    same portrait, speech, parameters and explicit seed were made before.
+
+    `rate_limit` names a Prefect global concurrency limit with slot decay that every API
+    request takes a slot of: the account's request rate, held across all workers."""
     logger = get_run_logger()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -113,7 +128,7 @@ async def avatar_video(
     try:
         request = await _apply_preset(request)
         api, store = await resolve(credentials_block, archive_block, backend)
-        async with api.client() as client:
+        async with api.client(limiter=_limiter(rate_limit)) as client:
             speech = await speech_task(request, store)
             lap("speech")
             portrait = await portrait_task(request, store)

@@ -1,0 +1,363 @@
+"""avatarflow.archive and avatarflow.local.services against a real SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+import uuid
+
+import httpx
+import pytest
+
+from avatarflow import archive
+from avatarflow.archive import ArchiveError, MiB
+from avatarflow.local import services
+
+
+async def _chunks(data: bytes, size: int = 64 * 1024, *, fail_after: int | None = None):
+    for i in range(0, len(data), size):
+        if fail_after is not None and i >= fail_after:
+            raise RuntimeError("source broke mid-stream")
+        yield data[i : i + size]
+        await asyncio.sleep(0)
+
+
+def _pending_uploads(s3, bucket: str, key: str) -> list[dict]:
+    resp = s3.list_multipart_uploads(Bucket=bucket, Prefix=key)
+    return [u for u in resp.get("Uploads", []) if u["Key"] == key]
+
+
+def _exists(s3, bucket: str, key: str) -> bool:
+    return archive.object_exists(s3, bucket, key)
+
+
+# --------------------------------------------------------------------------------------------
+# archive_stream
+
+
+async def test_multipart_stream_roundtrip(s3, s3_bucket, s3_prefix):
+    data = os.urandom(20 * MiB + 12345)
+    key = f"{s3_prefix}/video.mp4"
+    stored = await archive.archive_stream(
+        _chunks(data), s3=s3, bucket=s3_bucket, key=key,
+        metadata={"fingerprint": "abc123", "Request-Id": "req-1", "voice": "Zoë"},
+        part_size=5 * MiB,
+    )
+    assert stored.size == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.parts == 5
+    assert stored.s3_uri == f"s3://{s3_bucket}/{key}"
+    head = s3.head_object(Bucket=s3_bucket, Key=key)
+    assert head["ContentLength"] == len(data)
+    assert head["ContentType"] == "video/mp4"
+    assert head["Metadata"]["sha256"] == stored.sha256
+    assert head["Metadata"]["fingerprint"] == "abc123"
+    assert head["Metadata"]["request-id"] == "req-1"
+    assert head["Metadata"]["voice"] == "Zo%C3%AB"  # non-ASCII percent-encoded
+    body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == stored.sha256
+    assert not _pending_uploads(s3, s3_bucket, key)
+    v = archive.verify(s3, stored)
+    assert v.size == len(data) and v.sha256 == stored.sha256
+
+
+async def test_small_stream_single_put(s3, s3_bucket, s3_prefix):
+    data = b"\x00\x00\x00\x18ftypmp42" + os.urandom(1000)
+    key = f"{s3_prefix}/small.mp4"
+    stored = await archive.archive_stream(
+        _chunks(data, 100), s3=s3, bucket=s3_bucket, key=key, metadata={"k": "v"}, part_size=5 * MiB
+    )
+    assert stored.parts == 0
+    assert (stored.size, stored.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    head = s3.head_object(Bucket=s3_bucket, Key=key)
+    assert head["Metadata"] == {"k": "v", "sha256": stored.sha256}
+    assert head["ContentType"] == "video/mp4"
+    assert s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read() == data
+
+
+async def test_empty_stream(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/empty.bin"
+    stored = await archive.archive_stream(
+        _chunks(b""), s3=s3, bucket=s3_bucket, key=key, content_type="application/octet-stream"
+    )
+    assert stored.size == 0 and stored.sha256 == hashlib.sha256(b"").hexdigest()
+    archive.verify(s3, stored)
+
+
+async def test_error_mid_stream_leaves_nothing(s3, s3_bucket, s3_prefix):
+    data = os.urandom(12 * MiB)
+    key = f"{s3_prefix}/broken.mp4"
+    with pytest.raises(RuntimeError, match="mid-stream"):
+        await archive.archive_stream(
+            _chunks(data, fail_after=11 * MiB), s3=s3, bucket=s3_bucket, key=key, part_size=5 * MiB
+        )
+    assert not _exists(s3, s3_bucket, key)
+    assert not _pending_uploads(s3, s3_bucket, key)
+
+
+async def test_short_stream_against_expected_size_leaves_nothing(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/short.mp4"
+    with pytest.raises(ArchiveError, match="expected"):
+        await archive.archive_stream(
+            _chunks(os.urandom(6 * MiB)), s3=s3, bucket=s3_bucket, key=key,
+            part_size=5 * MiB, expected_size=7 * MiB,
+        )
+    assert not _exists(s3, s3_bucket, key)
+    assert not _pending_uploads(s3, s3_bucket, key)
+
+
+async def test_cancelled_stream_aborts_upload(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/cancelled.mp4"
+    started = asyncio.Event()
+
+    async def slow():
+        yield os.urandom(6 * MiB)
+        started.set()
+        await asyncio.sleep(3600)
+        yield b"never"
+
+    task = asyncio.create_task(
+        archive.archive_stream(slow(), s3=s3, bucket=s3_bucket, key=key, part_size=5 * MiB)
+    )
+    await asyncio.wait_for(started.wait(), 10)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not _exists(s3, s3_bucket, key)
+    assert not _pending_uploads(s3, s3_bucket, key)
+
+
+async def test_part_size_below_s3_minimum_rejected(s3, s3_bucket):
+    with pytest.raises(ValueError):
+        await archive.archive_stream(_chunks(b"x"), s3=s3, bucket=s3_bucket, key="x", part_size=MiB)
+
+
+async def test_archive_url_streams_http_body(s3, s3_bucket, s3_prefix):
+    data = os.urandom(6 * MiB + 7)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/missing":
+            return httpx.Response(404)
+        return httpx.Response(200, headers={"content-type": "video/mp4"}, content=data)
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        key = f"{s3_prefix}/from-url.mp4"
+        stored = await archive.archive_url(
+            "http://render.local/out.mp4", s3=s3, bucket=s3_bucket, key=key, client=client, part_size=5 * MiB
+        )
+        assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.parts == 2
+        with pytest.raises(httpx.HTTPStatusError):
+            await archive.archive_url(
+                "http://render.local/missing", s3=s3, bucket=s3_bucket, key=f"{s3_prefix}/m.mp4", client=client
+            )
+        assert not _exists(s3, s3_bucket, f"{s3_prefix}/m.mp4")
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+async def test_verify_detects_tampered_object(s3, s3_bucket, s3_prefix):
+    data = os.urandom(64 * 1024)
+    key = f"{s3_prefix}/tampered.mp4"
+    stored = await archive.archive_stream(_chunks(data), s3=s3, bucket=s3_bucket, key=key)
+    seen = []
+    result = archive.verify(s3, stored, probe=lambda p: seen.append(p.read_bytes()) or "probed")
+    assert result.probe == "probed" and seen == [data]
+
+    # same size, other bytes, metadata copied along (a checksum is the only thing to catch it)
+    tampered = bytearray(data)
+    tampered[1000] ^= 0xFF
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(tampered), Metadata={"sha256": stored.sha256})
+    with pytest.raises(ArchiveError, match="sha256"):
+        archive.verify(s3, stored)
+    assert not _exists(s3, s3_bucket, key)
+
+
+async def test_verify_size_mismatch_and_probe_failure(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/size.mp4"
+    stored = await archive.archive_stream(_chunks(b"abc" * 1000), s3=s3, bucket=s3_bucket, key=key)
+    s3.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
+    with pytest.raises(ArchiveError, match="size"):
+        archive.verify(s3, stored)
+    assert not _exists(s3, s3_bucket, key)
+
+    stored = await archive.archive_stream(_chunks(b"not a video"), s3=s3, bucket=s3_bucket, key=key)
+
+    def probe(path):
+        raise ValueError("no video stream")
+
+    with pytest.raises(ArchiveError, match="probe"):
+        await archive.verify_async(s3, stored, probe=probe)
+    assert not _exists(s3, s3_bucket, key)
+    with pytest.raises(ArchiveError, match="not found"):
+        archive.verify(s3, stored)
+
+
+# --------------------------------------------------------------------------------------------
+# presigned URLs, staging, JSON
+
+
+def test_presigned_url_and_anonymous_denied(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/portrait.jpg"
+    data = b"\xff\xd8\xff" + os.urandom(2048)
+    url = archive.stage_bytes(s3, s3_bucket, key, data, "image/jpeg")
+    assert "Signature" in url and s3_bucket in url
+    r = httpx.get(url, trust_env=False)
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["content-type"] == "image/jpeg"
+    plain = url.split("?", 1)[0]
+    anon = httpx.get(plain, trust_env=False)
+    assert anon.status_code == 403 and anon.content != data
+    assert archive.presign(s3, s3_bucket, key, expires=60).startswith(plain)
+
+
+def test_json_documents(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/doc.json"
+    assert archive.get_json(s3, s3_bucket, key) is None
+    archive.put_json(s3, s3_bucket, key, {"a": 1, "text": "héllo"})
+    assert archive.get_json(s3, s3_bucket, key) == {"a": 1, "text": "héllo"}
+    archive.put_json(s3, s3_bucket, key, {"a": 2})
+    assert archive.get_json(s3, s3_bucket, key) == {"a": 2}
+    assert s3.head_object(Bucket=s3_bucket, Key=key)["ContentType"].startswith("application/json")
+
+
+def test_put_json_if_absent_is_honoured(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/ledger.json"
+    assert archive.put_json_if_absent(s3, s3_bucket, key, {"request_id": "first"}) is True
+    assert archive.put_json_if_absent(s3, s3_bucket, key, {"request_id": "second"}) is False
+    assert archive.get_json(s3, s3_bucket, key) == {"request_id": "first"}
+
+
+def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/race.json"
+    barrier = threading.Barrier(8)
+    results: dict[int, bool] = {}
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = archive.put_json_if_absent(s3, s3_bucket, key, {"writer": i})
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, ok in results.items() if ok]
+    assert len(winners) == 1, results
+    assert archive.get_json(s3, s3_bucket, key) == {"writer": winners[0]}
+
+
+def test_uri_and_manifest_helpers():
+    assert archive.parse_s3_uri("s3://b/videos/x/video.mp4") == ("b", "videos/x/video.mp4")
+    for bad in ("http://b/k", "s3://b", "s3://b/", "s3:///k"):
+        with pytest.raises(ValueError):
+            archive.parse_s3_uri(bad)
+    assert archive.manifest_key("videos/fp/video.mp4") == "videos/fp/manifest.json"
+    assert archive.manifest_key("video.mp4") == "manifest.json"
+    assert archive.s3_uri("b", "k/x") == "s3://b/k/x"
+
+
+# --------------------------------------------------------------------------------------------
+# services
+
+
+def test_secrets_not_in_repr(s3_service):
+    assert s3_service.secret_key not in repr(s3_service)
+    api = services.ApiService(base_url="http://127.0.0.1:1", api_key="sekrit-key", pid=None)
+    assert "sekrit-key" not in repr(api)
+    assert "sekrit-key" not in repr(services.Services(home=None, api=api))
+
+
+def test_services_up_status_down_s3_only(tmp_path):
+    home = tmp_path / "home"
+    try:
+        svcs = services.up(home, with_api=False)
+        assert svcs.s3 is not None and svcs.api is None
+        st = services.status(home)
+        assert st.s3.running and st.s3.answering and st.s3.pid == svcs.s3.pid
+        # reuse: a second up returns the same process
+        again = services.up(home, with_api=False)
+        assert again.s3.pid == svcs.s3.pid
+        loaded = services.load_services(home)
+        assert loaded.s3.endpoint_url == svcs.s3.endpoint_url
+        assert (home / "services.json").stat().st_mode & 0o077 == 0
+        client = loaded.s3.client()
+        client.put_object(Bucket=loaded.s3.bucket, Key="k", Body=b"v")
+        first_keys = (svcs.s3.access_key, svcs.s3.secret_key)
+    finally:
+        services.down(home)
+    st = services.status(home)
+    assert not st.s3.running and not st.s3.answering and st.s3.pid is None
+    # a restart keeps credentials and data
+    try:
+        svcs = services.up(home, with_api=False)
+        assert (svcs.s3.access_key, svcs.s3.secret_key) == first_keys
+        client = svcs.s3.client()
+        assert client.get_object(Bucket=svcs.s3.bucket, Key="k")["Body"].read() == b"v"
+    finally:
+        services.down(home)
+
+
+@pytest.mark.skipif(not services.api_available(), reason="avatarflow/local/cli.py (local API) not written yet")
+def test_services_up_status_down_with_api(tmp_path):
+    home = tmp_path / "home"
+    try:
+        svcs = services.up(home)
+        assert svcs.api is not None
+        st = services.status(home)
+        assert st.api.running and st.api.answering
+        r = httpx.get(svcs.api.base_url + services.API_HEALTH_PATH, trust_env=False,
+                      headers={"x-api-key": svcs.api.api_key})
+        assert r.status_code == 200
+        assert services.up(home).api.pid == svcs.api.pid
+    finally:
+        services.down(home)
+    st = services.status(home)
+    assert not st.api.running and not st.s3.running
+
+
+def test_status_of_empty_home(tmp_path):
+    st = services.status(tmp_path / "nothing")
+    assert st.s3 is None and st.api is None
+    assert services.load_services(tmp_path / "nothing") is None
+    assert services.down(tmp_path / "nothing").s3 is None
+
+
+def test_unique_prefix(s3_prefix):
+    assert s3_prefix.startswith("tests/") and uuid.UUID  # keeps fixture importable/used
+
+
+def _tiny_mp4() -> bytes:
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for i in range(10):
+            img = np.full((64, 64, 3), i * 20, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
+    media = pytest.importorskip("avatarflow.media")
+    data = _tiny_mp4()
+    key = f"{s3_prefix}/video.mp4"
+    stored = await archive.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)
+    result = await archive.verify_async(s3, stored, probe=media.probe_video)
+    assert result.probe is not None
+    bad = await archive.archive_stream(_chunks(b"\x00" * 5000), s3=s3, bucket=s3_bucket, key=key)
+    with pytest.raises(ArchiveError, match="probe"):
+        archive.verify(s3, bad, probe=media.probe_video)
+    assert not _exists(s3, s3_bucket, key)
