@@ -9,11 +9,10 @@ from avatarflow.errors import APITimeout, RateLimited, ServerError, TransportErr
 TRANSIENT = (ServerError, RateLimited, APITimeout, TransportError, ConnectionError, TimeoutError)
 
 
+def is_transient(exc: BaseException | None) -> bool:
+    return isinstance(exc, TRANSIENT) or bool(getattr(exc, "transient", False))
+
+
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    try:
-        state.result()
-    except TRANSIENT:
-        return True
-    except Exception:
-        return False
-    return False
+    """retry_condition_fn: the engine hands a Failed state whose data is the exception."""
+    return is_transient(state.data if isinstance(state.data, BaseException) else None)

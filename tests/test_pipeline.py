@@ -158,7 +158,7 @@ def _no_face() -> bytes:
     [
         ("not-an-image.jpg", lambda p: b"this is plain text, not a picture" * 10, "not a supported image"),
         ("truncated.jpg", lambda p: p[: len(p) // 2], "truncated"),
-        ("bomb.png", lambda p: _bomb_png(), "30000"),
+        ("bomb.png", lambda p: _bomb_png(), "decompression bomb"),
         ("anim.gif", lambda p: _gif(), "gif"),
         ("gray.png", lambda p: _no_face(), "no face"),
     ],

@@ -1,0 +1,301 @@
+"""A Segmind-compatible p-video-avatar API on loopback: the embedded default, reached over HTTP
+like the vendor's service (v2 submit/status/result, v1 sync, output files, request history)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from avatarflow.contract import MODEL_SLUG, ContractError, parse_request
+from avatarflow.local.chaos import ENDPOINTS, Chaos, Faults, Settings, reset_at_header
+from avatarflow.local.queue import JobQueue, LocalJob
+
+log = logging.getLogger("avatarflow.local")
+API_ENDPOINTS = frozenset({"submit", "status", "result", "history", "sync"})
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    api_keys: list[str] = field(repr=False)
+    workers: int = 2
+    settings: Settings = field(default_factory=Settings)
+    faults: Faults = field(default_factory=Faults)
+    credits: float = 100.0
+
+
+def endpoint_of(method: str, path: str) -> str | None:
+    if path == f"/v2/{MODEL_SLUG}" and method == "POST":
+        return "submit"
+    if path == f"/v1/{MODEL_SLUG}" and method == "POST":
+        return "sync"
+    if path.startswith("/v2/requests/"):
+        return "status" if path.endswith("/status") else "result"
+    if path.startswith("/inference-request/request-history"):
+        return "history"
+    if path.startswith("/files/"):
+        return "files"
+    return None
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class ChaosMiddleware:
+    """Counts requests, checks keys and the rate limit, injects faults: all before the routes."""
+
+    def __init__(self, app: Any, chaos: Chaos, keys: list[str]):
+        self.app, self.chaos, self.keys = app, chaos, set(keys)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = endpoint_of(scope["method"], scope["path"])
+        if endpoint is None:
+            return await self.app(scope, receive, send)
+        self.chaos.count(endpoint)
+        codes: list[int] = []
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                codes.append(message["status"])
+                self.chaos.count(endpoint, message["status"])
+            await send(message)
+
+        if endpoint in API_ENDPOINTS:
+            headers = dict(scope["headers"])
+            key = headers.get(b"x-api-key", b"").decode()
+            if key not in self.keys:
+                return await _json(401, {"error": "missing or invalid API key (x-api-key)"})(scope, receive, counted)
+            wait = self.chaos.rate_limited(key)
+            if wait is not None:
+                return await self._too_many(wait)(scope, receive, counted)
+        fault = self.chaos.fault_for(endpoint)
+        if fault == "drop":
+            return await _drop(counted)
+        if fault == "429":
+            return await self._too_many(self.chaos.faults.retry_after)(scope, receive, counted)
+        if fault:
+            return await _json(int(fault), {"error": f"local: injected HTTP {fault}"})(scope, receive, counted)
+        if endpoint == "submit" and (self.chaos.roll("submit_drop_after_accept") or self.chaos.faults.submit_delay > 0):
+            return await self._answer_late(scope, receive, counted)
+        await self.app(scope, receive, counted)
+
+    def _too_many(self, seconds: float) -> JSONResponse:
+        return _json(429, {"error": "rate limit exceeded"},
+                     {"Retry-After": f"{max(1, round(seconds))}", "x-rate-limit-reset-at-utc": reset_at_header(seconds)})
+
+    async def _answer_late(self, scope: dict, receive: Any, send: Any) -> None:
+        """Queue the job, then answer late, or cut the connection instead of answering."""
+        held: list[dict] = []
+
+        async def hold(message: dict) -> None:
+            held.append(message)
+
+        await self.app(scope, receive, hold)
+        if self.chaos.faults.submit_delay > 0:
+            await asyncio.sleep(self.chaos.faults.submit_delay)
+            for message in held:
+                await send(message)
+            return
+        await _drop(send)
+
+
+async def _drop(send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")]})
+    await send({"type": "http.response.body", "body": b'{"request_id": "', "more_body": True})
+    raise ConnectionAbortedError("local: injected connection drop")
+
+
+def _status_body(job: LocalJob) -> tuple[int, dict[str, Any]]:
+    if job.status == "FAILED":
+        return 422, {"request_id": job.request_id, "status": "FAILED", "error": job.error}
+    return 200, {"request_id": job.request_id, "status": job.status}
+
+
+def _not_found(request_id: str) -> JSONResponse:
+    return _json(404, {"error": f"request {request_id} not found or expired"})
+
+
+def _date(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise ContractError(f"{name}={value!r} is not a date; allowed: YYYY-MM-DD", [name]) from None
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    chaos = Chaos(config.settings, config.faults)
+    app = FastAPI(title="avatarflow local p-video-avatar API", docs_url=None, redoc_url=None)
+    state: dict[str, JobQueue] = {}
+
+    def queue() -> JobQueue:
+        if "q" not in state:
+            state["q"] = JobQueue(config.data_dir, config.workers, chaos, config.credits)
+        return state["q"]
+
+    @app.on_event("shutdown")
+    async def _close() -> None:
+        if "q" in state:
+            await state["q"].close()
+
+    async def parse(request: Request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, _json(400, {"error": "body is not valid JSON", "fields": ["body"]})
+        if not isinstance(body, dict):
+            return None, _json(400, {"error": "body must be a JSON object", "fields": ["body"]})
+        try:
+            return (parse_request(body), body), None
+        except ContractError as e:
+            return None, _json(400, {"error": str(e), "fields": e.fields})
+
+    def base(request: Request) -> str:
+        return str(request.base_url).rstrip("/")
+
+    @app.post(f"/v2/{MODEL_SLUG}")
+    async def submit(request: Request) -> Response:
+        parsed, error = await parse(request)
+        if error:
+            return error
+        job = queue().submit(*parsed)
+        b = base(request)
+        return _json(200, {"request_id": job.request_id, "status": "QUEUED",
+                           "status_url": f"{b}/v2/requests/{job.request_id}/status",
+                           "response_url": f"{b}/v2/requests/{job.request_id}"})
+
+    @app.get("/v2/requests/{request_id}/status")
+    async def status(request_id: str) -> Response:
+        job = queue().get(request_id)
+        if job is None:
+            return _not_found(request_id)
+        return _json(*_status_body(job))
+
+    @app.get("/v2/requests/{request_id}")
+    async def result(request_id: str, request: Request) -> Response:
+        job = queue().get(request_id)
+        if job is None:
+            return _not_found(request_id)
+        if job.status != "COMPLETED":
+            return _json(*_status_body(job))
+        url = f"{base(request)}/files/{job.request_id}.mp4"
+        return _json(200, {
+            "request_id": job.request_id, "status": "COMPLETED", "output": url,
+            "video": {"url": url, "content_type": "video/mp4", "file_name": f"{job.request_id}.mp4",
+                      "file_size": job.output.stat().st_size if job.output else None},
+            "metrics": queue().metrics(job),
+        })
+
+    @app.post(f"/v1/{MODEL_SLUG}")
+    async def sync(request: Request) -> Response:
+        parsed, error = await parse(request)
+        if error:
+            return error
+        job = queue().submit(*parsed)
+        await job.done.wait()
+        if job.status == "FAILED":
+            return _json(422, {"request_id": job.request_id, "status": "FAILED", "error": job.error})
+        return FileResponse(job.output, media_type="video/mp4", headers={"x-request-id": job.request_id})
+
+    @app.get("/files/{name}")
+    async def files(name: str) -> Response:
+        rid = name.removesuffix(".mp4")
+        job = queue().history(rid)
+        if job is None or job.output is None or not job.output.exists() or "/" in name:
+            return _json(404, {"error": f"file {name} not found"})
+        return FileResponse(job.output, media_type="video/mp4")
+
+    @app.get("/inference-request/request-history/{request_id}")
+    async def history_one(request_id: str, request: Request) -> Response:
+        job = queue().history(request_id)
+        if job is None:
+            return _not_found(request_id)
+        return _json(200, job.history_row(base(request)))
+
+    @app.get("/inference-request/request-history")
+    async def history_list(
+        request: Request, page: int = 1, per_page: int = 20, from_date: str | None = None,
+        to_date: str | None = None, model_name: str | None = None, status: str | None = None,
+        sort_by: str = "created_at", sort_order: str = "desc",
+    ) -> Response:
+        try:
+            if not 1 <= per_page <= 100:
+                raise ContractError(f"per_page={per_page} is out of range; allowed: 1 to 100", ["per_page"])
+            if status and status.upper() not in ("COMPLETED", "FAILED", "PENDING"):
+                raise ContractError(f"status={status!r} is not allowed; allowed: COMPLETED, FAILED, PENDING", ["status"])
+            start, end = _date(from_date, "from_date"), _date(to_date, "to_date")
+        except ContractError as e:
+            return _json(400, {"error": str(e), "fields": e.fields})
+        b = base(request)
+        rows = [j.history_row(b) for j in queue().jobs.values()]
+        if model_name:
+            rows = [r for r in rows if model_name.lower() in r["model_name"]]
+        if status:
+            rows = [r for r in rows if r["model_status"] == status.upper()]
+        if start or end:
+            day = lambda r: datetime.fromisoformat(r["created_at"]).date()  # noqa: E731
+            rows = [r for r in rows if (not start or day(r) >= start) and (not end or day(r) <= end)]
+        key = sort_by if sort_by in ("created_at", "updated_at", "latency_ms", "credits_deduction") else "created_at"
+        rows.sort(key=lambda r: (r.get(key) is None, r.get(key) or 0), reverse=sort_order != "asc")
+        total = len(rows)
+        page_rows = rows[(page - 1) * per_page: page * per_page]
+        return _json(200, {"data": page_rows, "page": page, "per_page": per_page, "total": total})
+
+    @app.get("/_local/health")
+    async def health() -> Response:
+        return _json(200, {"ok": True})
+
+    @app.get("/_local/stats")
+    async def stats() -> Response:
+        return _json(200, chaos.stats(queue().summary()))
+
+    @app.post("/_local/faults")
+    async def faults(request: Request) -> Response:
+        try:
+            chaos.configure(await request.json())
+        except (ValueError, TypeError) as e:
+            return _json(400, {"error": str(e)})
+        return _json(200, {"faults": chaos.faults.model_dump(), "settings": chaos.settings.model_dump()})
+
+    @app.post("/_local/reset")
+    async def reset() -> Response:
+        chaos.reset()
+        return _json(200, {"ok": True})
+
+    return ChaosMiddleware(app, chaos, config.api_keys)
+
+
+def check_loopback(host: str) -> None:
+    """Refuse to bind anything but loopback."""
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"host={host!r} is not a loopback address; allowed: 127.0.0.0/8, ::1, localhost")
+
+
+def serve(host: str, port: int, config: ServerConfig) -> None:
+    import uvicorn
+
+    check_loopback(host)
+    if not config.api_keys:
+        raise ValueError("no API key: give --api-key or set AVATARFLOW_LOCAL_API_KEY")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+
+
+__all__ = ["ServerConfig", "create_app", "serve", "check_loopback", "ENDPOINTS"]

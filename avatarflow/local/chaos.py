@@ -1,0 +1,154 @@
+"""Test knobs of the local API: fault injection, a per-key rate limit and request counters.
+
+Faults are set at start (CLI flags) or at run time with `POST /_local/faults`, a JSON object:
+
+    {"submit": {"429": 0.5, "500": 0.1, "502": 0, "504": 0, "drop": 0.1},   # per endpoint
+     "status": {...}, "result": {...}, "history": {...}, "files": {...}, "sync": {...},
+     "fail_rate": 0.2,                # jobs end FAILED ("local: injected failure")
+     "submit_drop_after_accept": 1.0, # the job is queued, then the answer is cut off
+     "submit_delay": 5.0,             # the job is queued, the answer comes this late
+     "count": 2,                      # only the next 2 injected faults fire, then all clear
+     "retry_after": 1.0,              # Retry-After of injected and real 429s
+     "min_processing_time": 20,       # settings: a job is PROCESSING at least this long
+     "rate_limit": 50, "retention": 3600}
+
+Endpoints: submit, status, result, history, files, sync. `drop` cuts the connection midway
+through a response. `POST /_local/reset` restores the start-up settings and clears counters.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import defaultdict, deque
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ENDPOINTS = ("submit", "status", "result", "history", "files", "sync")
+FAULT_KINDS = ("429", "500", "502", "504", "drop")
+
+
+class Faults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    submit: dict[str, float] = Field(default_factory=dict)
+    status: dict[str, float] = Field(default_factory=dict)
+    result: dict[str, float] = Field(default_factory=dict)
+    history: dict[str, float] = Field(default_factory=dict)
+    files: dict[str, float] = Field(default_factory=dict)
+    sync: dict[str, float] = Field(default_factory=dict)
+    fail_rate: float = 0.0
+    submit_drop_after_accept: float = 0.0
+    submit_delay: float = 0.0
+    count: int | None = None
+    retry_after: float = 1.0
+
+
+class Settings(BaseModel):
+    min_processing_time: float = 0.0
+    rate_limit: int = 0
+    retention: float = 3600.0
+
+
+class Chaos:
+    """The current faults and settings, the counters, and the rate limiter; thread-safe."""
+
+    def __init__(self, settings: Settings, faults: Faults | None = None, seed: int | None = None):
+        self._initial = (settings.model_copy(), (faults or Faults()).model_copy())
+        self._lock = threading.Lock()
+        self._random = random.Random(seed)
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.settings = self._initial[0].model_copy()
+            self.faults = self._initial[1].model_copy()
+            self.requests: dict[str, int] = defaultdict(int)
+            self.codes: dict[str, int] = defaultdict(int)
+            self.by_endpoint_code: dict[str, int] = defaultdict(int)
+            self.submit_times: list[float] = []
+            self.request_times: list[float] = []
+            self._windows: dict[str, deque[float]] = defaultdict(deque)
+
+    def configure(self, body: dict[str, Any]) -> None:
+        settings = {k: body.pop(k) for k in list(body) if k in Settings.model_fields}
+        with self._lock:
+            if settings:
+                self.settings = self.settings.model_copy(update=settings)
+            if body:
+                for endpoint in ENDPOINTS:
+                    for kind in body.get(endpoint, {}):
+                        if kind not in FAULT_KINDS:
+                            raise ValueError(f"{endpoint}.{kind} is not a fault; allowed: {', '.join(FAULT_KINDS)}")
+                self.faults = Faults.model_validate(body)
+
+    def _fire(self, rate: float) -> bool:
+        if rate <= 0 or self.faults.count == 0:
+            return False
+        if self._random.random() >= rate:
+            return False
+        if self.faults.count is not None:
+            self.faults.count -= 1
+        return True
+
+    def count(self, endpoint: str, code: int | None = None) -> None:
+        with self._lock:
+            if code is None:
+                self.requests[endpoint] += 1
+                now = time.time()
+                self.request_times.append(now)
+                if endpoint == "submit":
+                    self.submit_times.append(now)
+            else:
+                self.codes[str(code)] += 1
+                self.by_endpoint_code[f"{endpoint}:{code}"] += 1
+
+    def fault_for(self, endpoint: str) -> str | None:
+        """The fault to inject into this request, if any: '429', '500', '502', '504' or 'drop'."""
+        with self._lock:
+            rates = getattr(self.faults, endpoint)
+            for kind in FAULT_KINDS:
+                if self._fire(rates.get(kind, 0.0)):
+                    return kind
+        return None
+
+    def roll(self, name: str) -> bool:
+        """Whether a job-level fault ('fail_rate', 'submit_drop_after_accept') fires now."""
+        with self._lock:
+            return self._fire(getattr(self.faults, name))
+
+    def rate_limited(self, key: str) -> float | None:
+        """Seconds until the key's 60 s window frees a slot, when over the limit; else None."""
+        with self._lock:
+            limit = self.settings.rate_limit
+            if limit <= 0:
+                return None
+            now = time.time()
+            window = self._windows[key]
+            while window and window[0] <= now - 60:
+                window.popleft()
+            if len(window) >= limit:
+                return max(0.05, window[0] + 60 - now)
+            window.append(now)
+            return None
+
+    def stats(self, jobs: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": dict(self.requests),
+                "codes": dict(self.codes),
+                "by_endpoint_code": dict(self.by_endpoint_code),
+                "submit_times": list(self.submit_times),
+                "request_times": list(self.request_times),
+                "settings": self.settings.model_dump(),
+                "faults": self.faults.model_dump(),
+                "jobs": jobs,
+            }
+
+
+def reset_at_header(seconds: float) -> str:
+    at = datetime.fromtimestamp(time.time() + seconds, timezone.utc)
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
