@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 
 from avatarflow import contract
@@ -76,10 +75,6 @@ def local_status() -> None:
     _print_services(services.status())
 
 
-def _choice(values: tuple[str, ...]) -> click.Choice:
-    return click.Choice(list(values))
-
-
 def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
     lines = [
         f"s3_uri:        {result['s3_uri']}",
@@ -131,13 +126,13 @@ def run(
     image: str = typer.Option(..., help="Portrait: URL, local path, s3:// URI or data: URI."),
     voice_script: Optional[str] = typer.Option(None, help="Text to speak (a Jinja2 template with --field)."),
     audio: Optional[str] = typer.Option(None, help="Recording to lip-sync instead of voice_script."),
-    voice: Optional[str] = typer.Option(None, click_type=_choice(contract.VOICES), help="TTS voice."),
-    voice_language: Optional[str] = typer.Option(None, click_type=_choice(contract.VOICE_LANGUAGES)),
+    voice: Optional[contract.Voice] = typer.Option(None, help="TTS voice."),
+    voice_language: Optional[contract.VoiceLanguage] = typer.Option(None, help="Speech language."),
     voice_prompt: Optional[str] = typer.Option(None, help="Tone, pace, emotion."),
     video_prompt: Optional[str] = typer.Option(None, help="Framing, motion, background."),
     negative_prompt: Optional[str] = typer.Option(None, help="What to avoid."),
     strength_negative_prompt: Optional[float] = typer.Option(None, help="0 to 4."),
-    resolution: Optional[str] = typer.Option(None, click_type=_choice(contract.RESOLUTIONS)),
+    resolution: Optional[contract.Resolution] = typer.Option(None, help="720p or 1080p."),
     seed: Optional[int] = typer.Option(None, help="Reuse a seed to repeat a result (and hit the cache)."),
     disable_safety_filter: Optional[bool] = typer.Option(None, "--disable-safety-filter/--enable-safety-filter"),
     disable_prompt_upsampling: Optional[bool] = typer.Option(None, "--disable-prompt-upsampling/--enable-prompt-upsampling"),
@@ -194,7 +189,7 @@ def _finish(result: dict[str, Any], output: Path | None, as_json: bool) -> None:
 @app.command()
 def resume(
     request_id: str = typer.Argument(..., help="A request id from an earlier submit."),
-    expected_seconds: float = typer.Option(contract.EXPECTED_DURATION_S),
+    expected_seconds: Optional[float] = typer.Option(None, help="Expected processing time (default: the backend's)."),
     backend: Optional[str] = typer.Option(None),
     output: Optional[Path] = typer.Option(None, help="Also save a local copy here."),
     as_json: bool = typer.Option(False, "--json"),
@@ -210,7 +205,7 @@ def resume(
         async with api.client() as client:
             return await resume_request(
                 client, Store(a.s3(), a.bucket, a.prefix), request_id,
-                expected_s=expected_seconds, backend=api.backend,
+                expected_s=expected_seconds or api.expected_seconds, backend=api.backend,
             )
 
     _finish(_safe(lambda: asyncio.run(go())), output, as_json)

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
+from avatarflow.contract import EXPECTED_DURATION_S
+
+# The local engine renders a short script in seconds, not the vendor's ~100 s.
+LOCAL_EXPECTED_S = 5.0
 
 
 def local_services() -> dict[str, Any]:
@@ -27,6 +31,7 @@ class ApiSettings:
     history_url: str | None = None
     api_key: str = field(default="", repr=False)
     backend: str = "segmind"
+    expected_seconds: float = EXPECTED_DURATION_S
 
     def client(self, **kw: Any) -> SegmindClient:
         return SegmindClient(api_key=self.api_key, base_url=self.base_url, history_url=self.history_url, **kw)
@@ -70,7 +75,9 @@ def api_settings(backend: str | None = None) -> ApiSettings:
     api = local_services().get("api") or {}
     if not api.get("base_url"):
         raise NotConfigured("the local API is not running: start it with `avatarflow local up`")
-    return ApiSettings(base_url=api["base_url"], api_key=api.get("api_key", ""), backend="local")
+    return ApiSettings(
+        base_url=api["base_url"], api_key=api.get("api_key", ""), backend="local", expected_seconds=LOCAL_EXPECTED_S
+    )
 
 
 def archive_settings() -> ArchiveSettings:

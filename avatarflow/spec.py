@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from avatarflow.contract import EXPECTED_DURATION_S, AvatarRequest, ContractError, explain
+from avatarflow.contract import AvatarRequest, ContractError, explain
 
 PRESET_FIELDS = (
     "voice", "voice_language", "voice_prompt", "video_prompt", "negative_prompt",
@@ -40,8 +40,9 @@ class VideoRequest(AvatarRequest):
     template_fields: dict[str, Any] | None = Field(
         default=None, description="Fields that render voice_script as a Jinja2 template ({{ name }})."
     )
-    expected_seconds: float = Field(
-        default=EXPECTED_DURATION_S, gt=0, description="Expected API processing time; shapes the polling."
+    expected_seconds: float | None = Field(
+        default=None, gt=0,
+        description="Expected API processing time; shapes the polling (default: the backend's typical time).",
     )
     resubmit_expired: bool = Field(
         default=False,
@@ -73,10 +74,8 @@ class VideoRequest(AvatarRequest):
 def parse_video_request(data: Any) -> VideoRequest:
     try:
         return VideoRequest.model_validate(data)
-    except Exception as e:  # pydantic ValidationError
-        if hasattr(e, "errors"):
-            raise explain(e) from None
-        raise
+    except ValidationError as e:
+        raise explain(e) from None
 
 
 __all__ = ["VideoRequest", "parse_video_request", "ContractError", "PRESET_FIELDS"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -30,7 +31,8 @@ def _run_name() -> str:
     image = str(req.get("image", "portrait")).rstrip("/").rsplit("/", 1)[-1][:24]
     words = "audio" if req.get("audio") else "-".join(str(req.get("voice_script", "")).split()[:3])[:30]
     voice = str(req.get("voice", "Zephyr (Female)")).split(" ")[0]
-    return f"avatar-{image}-{voice}-{words}".lower()
+    name = f"avatar-{image}-{voice}-{words}".lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", name).strip("-")
 
 
 async def resolve(
@@ -144,7 +146,8 @@ async def avatar_video(
                     job = await submit_task(client, store, plan)
                     lap("submit")
                     job, finished = await poll_task(
-                        client, store, plan, job, request.expected_seconds, request.resubmit_expired
+                        client, store, plan, job, request.expected_seconds or api.expected_seconds,
+                        request.resubmit_expired,
                     )
                     lap("poll")
                     archived = await archive_task(client, store, request, plan, finished, dict(timings), api.backend)

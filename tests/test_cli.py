@@ -1,0 +1,61 @@
+"""The CLI in-process (typer's runner) against the local API, SeaweedFS and the Prefect harness."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+from typer.testing import CliRunner
+
+from avatarflow import media
+from avatarflow.cli import app
+from avatarflow.client import SegmindClient
+
+runner = CliRunner()
+
+
+def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path, tmp_path):
+    out = tmp_path / "copy.mp4"
+    r = runner.invoke(app, [
+        "run", "--image", str(portrait_path), "--voice-script", "Hi {{ name }}.", "--field", "name=Ada",
+        "--voice", "Puck (Male)", "--voice-language", "English (UK)", "--seed", "11",
+        "--expected-seconds", "3", "--output", str(out), "--json",
+    ])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["seed"] == 11 and result["s3_uri"].startswith("s3://")
+    assert result["local_copy"] == str(out)
+    probe = media.probe_video(out)
+    assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
+    assert api.api_key not in r.output
+
+
+def test_run_rejects_bad_input_before_any_submit(api, pipeline_env, portrait_path):
+    submits = api.stats()["requests"].get("submit", 0)
+    r = runner.invoke(app, ["run", "--image", str(portrait_path), "--voice", "Bob"])
+    assert r.exit_code != 0 and "Bob" in r.output
+    r = runner.invoke(app, ["run", "--image", str(portrait_path), "--seed", "-5", "--voice-script", "x"])
+    assert r.exit_code == 2 and "seed=-5" in r.output
+    r = runner.invoke(app, ["run", "--image", "/no/such/portrait.jpg", "--voice-script", "x"])
+    assert r.exit_code == 2 and "/no/such/portrait.jpg" in r.output
+    assert api.stats()["requests"].get("submit", 0) == submits
+
+
+def test_resume_archives_a_request_known_only_by_its_id(api, pipeline_env, portrait_bytes, s3):
+    image = "data:image/jpeg;base64," + base64.b64encode(portrait_bytes).decode()
+
+    async def submit() -> str:
+        async with SegmindClient(api_key=api.api_key, base_url=api.base_url) as client:
+            return (await client.submit({"image": image, "voice_script": "Resume me.", "seed": 123})).request_id
+
+    rid = asyncio.run(submit())
+    submits = api.stats()["requests"]["submit"]
+    r = runner.invoke(app, ["resume", rid, "--expected-seconds", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["request_id"] == rid and result["seed"] == 123
+    assert api.stats()["requests"]["submit"] == submits, "resume never submits"
+    bucket, key = result["manifest_uri"][5:].split("/", 1)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert manifest["request_id"] == rid and manifest["parameters"]["voice_script"] == "Resume me."
