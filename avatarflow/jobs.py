@@ -20,11 +20,12 @@ from typing import Any, Awaitable, Callable
 from pydantic import BaseModel, Field
 
 from avatarflow import archive, media
-from avatarflow.client import PollEvent, SegmindClient
+from avatarflow.client import DEADLINE_FACTOR, PollEvent, SegmindClient, poll_offsets
 from avatarflow.contract import MODEL_SLUG, AvatarRequest, Metrics
 from avatarflow.errors import (
     AmbiguousSubmit,
     AvatarflowError,
+    DeadlineExceeded,
     JobFailed,
     NotFound,
     RateLimited,
@@ -253,29 +254,58 @@ async def await_job(
         await _mark(store, plan.fingerprint, "failed", error=e.error, request_id=job.request_id)
         raise
     except NotFound:
-        row = await client.history(job.request_id)
-        state = (row.state or "").upper()
-        if state == "FAILED":
-            await _mark(store, plan.fingerprint, "failed", error=row.error, request_id=job.request_id)
-            raise JobFailed(row.error or "FAILED", request_id=job.request_id) from None
-        if state == "COMPLETED" and row.output_url and await _output_alive(client, row.output_url):
-            log(f"request {job.request_id} expired; its output found through the history")
-            metrics = {"cost": row.credits_deduction, "total_time": (row.latency_ms or 0) / 1000 or None}
-            return job, Finished(job.request_id, row.output_url, metrics, via="history")
-        if not resubmit_expired:
-            raise JobExpired(
-                f"request {job.request_id} expired (history: {state or 'unknown'}) and its output is "
-                "gone; rerun with resubmit_expired=True to pay for a new job"
-            ) from None
-        log(f"request {job.request_id} expired and its output is gone: submitting a new job")
-        await store.delete(store.ledger_key(plan.fingerprint))
-        new_job = await submit_once(client, store, plan, log=log)
-        return await await_job(client, store, plan, new_job, expected_s=expected_s, on_status=on_status, log=log)
+        return await _await_history(
+            client, store, plan, job, expected_s=expected_s, resubmit_expired=resubmit_expired,
+            on_status=on_status, log=log,
+        )
     url = result.output_url
     if not url:
         raise JobFailed(f"COMPLETED without an output URL: {result.model_dump()}", request_id=job.request_id)
     metrics = (result.metrics or Metrics()).model_dump(exclude_none=True)
     return job, Finished(job.request_id, url, metrics)
+
+
+async def _await_history(
+    client: SegmindClient, store: Store, plan: Plan, job: Job, *, expected_s: float,
+    resubmit_expired: bool, on_status: Callable[[PollEvent], Awaitable[None] | None] | None,
+    log: Callable[[str], Any],
+) -> tuple[Job, Finished]:
+    """The request record is gone (404): follow the job in the request history, which keeps
+    every request at any age, on the same schedule and deadline as the status polling."""
+    log(f"request {job.request_id}: record expired (404); following it in the request history")
+    deadline = job.submitted_at + DEADLINE_FACTOR * expected_s
+    offsets = poll_offsets(expected_s)
+    while True:
+        row = await client.history(job.request_id)
+        state = (row.state or "").upper()
+        if on_status is not None:
+            maybe = on_status(PollEvent(job.request_id, state or "UNKNOWN", time.time() - job.submitted_at, 0))
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        if state == "FAILED":
+            await _mark(store, plan.fingerprint, "failed", error=row.error, request_id=job.request_id)
+            raise JobFailed(row.error or "FAILED", request_id=job.request_id)
+        if state == "COMPLETED":
+            break
+        if time.time() >= deadline:
+            raise DeadlineExceeded(job.request_id, time.time() - job.submitted_at, state)
+        target = next(offsets)
+        while job.submitted_at + target < time.time():
+            target = next(offsets)
+        await asyncio.sleep(min(job.submitted_at + target, deadline) - time.time())
+    if row.output_url and await _output_alive(client, row.output_url):
+        log(f"request {job.request_id}: output found through the history")
+        metrics = {"cost": row.credits_deduction, "total_time": (row.latency_ms or 0) / 1000 or None}
+        return job, Finished(job.request_id, row.output_url, metrics, via="history")
+    if not resubmit_expired:
+        raise JobExpired(
+            f"request {job.request_id} completed but its record expired and its output is gone; "
+            "rerun with resubmit_expired=True to pay for a new job"
+        )
+    log(f"request {job.request_id}: output gone; submitting a new job (resubmit_expired)")
+    await store.delete(store.ledger_key(plan.fingerprint))
+    new_job = await submit_once(client, store, plan, log=log)
+    return await await_job(client, store, plan, new_job, expected_s=expected_s, on_status=on_status, log=log)
 
 
 def manifest_of(

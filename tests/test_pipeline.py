@@ -204,3 +204,62 @@ def test_run_killed_after_submit_resumes_without_a_second_post(api, pipeline_env
     out = run(image=str(portrait_path), voice_script=SCRIPT, seed=9090, expected_seconds=3)
     assert calls(api, "submit") == submits + 1, "the restarted run must resume, not post again"
     assert out["s3_uri"] and not out["cache_hit"]
+
+
+@pytest.fixture
+def short_retention_api(tmp_path, monkeypatch, pipeline_env):
+    """A second local API whose records expire after 2 s, as the pipeline's API."""
+    from tests.fixtures_api import start_local_api, stop_local_api
+
+    server = start_local_api(tmp_path, "--retention", "2", "--min-processing-time", "3")
+    monkeypatch.setenv("SEGMIND_API_KEY", server.api_key)
+    monkeypatch.setenv("SEGMIND_BASE_URL", server.base_url)
+    server.data_dir = tmp_path
+    yield server
+    stop_local_api(server)
+
+
+def test_expired_record_is_archived_through_the_history(short_retention_api, request_args):
+    out = run(**{**request_args, "expected_seconds": 6}, seed=606)
+    assert out["s3_uri"]
+    stats = short_retention_api.stats()
+    assert stats["requests"]["submit"] == 1 and stats["requests"].get("history", 0) >= 1
+    assert stats["by_endpoint_code"].get("status:404", 0) >= 1
+
+
+def test_expired_request_with_its_output_gone_needs_the_flag(short_retention_api, request_args):
+    from avatarflow.jobs import JobExpired
+
+    def delete_outputs(event):
+        for f in short_retention_api.data_dir.glob("*.mp4"):
+            f.unlink()
+
+    import avatarflow.progress as progress
+
+    unsubscribe = progress.subscribe(delete_outputs)
+    try:
+        with pytest.raises(JobExpired, match="resubmit_expired"):
+            run(**{**request_args, "expected_seconds": 6}, seed=707)
+        assert short_retention_api.stats()["requests"]["submit"] == 1
+    finally:
+        unsubscribe()
+
+
+def test_run_leaves_artifacts(api, pipeline_env, request_args):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    out = run(**request_args, seed=2468)
+    key = f"avatar-{out['fingerprint'][:16]}"
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key, f"{key}-summary"]))
+            )
+
+    artifacts = {a.key: a for a in asyncio.run(read())}
+    assert out["s3_uri"] in str(artifacts[key].data)
+    summary = str(artifacts[f"{key}-summary"].data)
+    assert "![thumbnail](" in summary and out["request_id"] in summary
+    assert api.api_key not in summary
