@@ -27,11 +27,11 @@ ASSET = Path(__file__).resolve().parent.parent / "avatarflow" / "assets" / "port
 KEY = "bench-key"
 
 
-def _start_server(processing: float) -> tuple[subprocess.Popen, str]:
+def _start_server(processing: float, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_ports(1)[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--api-key", KEY, "--min-processing-time", str(processing), "--workers", "2",
+         "--api-key", KEY, "--min-processing-time", str(processing), "--workers", str(workers),
          "--data-dir", tempfile.mkdtemp(prefix="bench-poll-")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=5)
     ap.add_argument("--processing", type=float, default=100.0)
     args = ap.parse_args()
-    proc, base = _start_server(args.processing)
+    proc, base = _start_server(args.processing, args.jobs)
     try:
         rows = [
             _measure("avatarflow", base, lambda: asyncio.run(_ours(base, args.jobs, args.processing))),
