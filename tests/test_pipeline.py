@@ -263,3 +263,20 @@ def test_run_leaves_artifacts(api, pipeline_env, request_args):
     summary = str(artifacts[f"{key}-summary"].data)
     assert "![thumbnail](" in summary and out["request_id"] in summary
     assert api.api_key not in summary
+
+
+def test_unresolved_submit_is_taken_over_only_once_stale_and_absent_from_history(
+    api, pipeline_env, request_args, monkeypatch
+):
+    from avatarflow import jobs
+
+    monkeypatch.setattr(jobs, "RECONCILE_INTERVAL_S", 0.1)
+    api.set_faults({"submit": {"502": 1.0}, "count": 1})
+    jobs_before = len(api.stats()["jobs"])
+    with pytest.raises(jobs.SubmitUnresolved, match="history shows no job"):
+        run(**request_args, seed=5150)
+    assert len(api.stats()["jobs"]) == jobs_before, "the 502 created no job"
+    monkeypatch.setattr(jobs, "CLAIM_STALE_S", 0.5)
+    time.sleep(0.6)
+    out = run(**request_args, seed=5150)
+    assert out["s3_uri"] and len(api.stats()["jobs"]) == jobs_before + 1
