@@ -79,6 +79,9 @@ def _check_media(field: str, value: str | None) -> str | None:
     return value
 
 
+_ENUMS = {"voice": VOICES, "voice_language": VOICE_LANGUAGES, "resolution": RESOLUTIONS}
+
+
 def _allowed(field: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{field}={value!r} is not allowed; allowed: {', '.join(allowed)}")
@@ -141,20 +144,10 @@ class AvatarRequest(BaseModel):
             raise ValueError(f"audio={v!r} is not a string; allowed: an http(s) URL or a data: URI")
         return _check_media("audio", v)
 
-    @field_validator("voice", mode="before")
+    @field_validator("voice", "voice_language", "resolution", mode="before")
     @classmethod
-    def _voice(cls, v: Any) -> Any:
-        return _allowed("voice", v, VOICES)
-
-    @field_validator("voice_language", mode="before")
-    @classmethod
-    def _voice_language(cls, v: Any) -> Any:
-        return _allowed("voice_language", v, VOICE_LANGUAGES)
-
-    @field_validator("resolution", mode="before")
-    @classmethod
-    def _resolution(cls, v: Any) -> Any:
-        return _allowed("resolution", v, RESOLUTIONS)
+    def _enum(cls, v: Any, info: Any) -> Any:
+        return _allowed(info.field_name, v, _ENUMS[info.field_name])
 
     @field_validator("seed", mode="before")
     @classmethod

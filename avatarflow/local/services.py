@@ -38,7 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -464,7 +464,7 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
     current = load_services(home)
     if current and current.s3 and current.s3.pid:
         if _process(current.s3.pid, marker) is not None:
-            if _wait_s3(current.s3, None, min(timeout, 10.0)):
+            if _wait(lambda: _s3_answers(current.s3, timeout=2.0), None, min(timeout, 10.0)):
                 current.s3.running = current.s3.answering = True
                 log.info("reusing SeaweedFS pid %s at %s", current.s3.pid, current.s3.endpoint_url)
                 return current.s3
@@ -526,7 +526,7 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
             region=region,
             pid=proc.pid,
         )
-        if _wait_s3(svc, proc, timeout):
+        if _wait(lambda: _s3_answers(svc, timeout=2.0), proc, timeout):
             svc.running = svc.answering = True
             _save(home, s3=svc)
             log.info("SeaweedFS started: pid %s, %s, log %s", proc.pid, svc.endpoint_url, log_path)
@@ -547,13 +547,14 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
     )
 
 
-def _wait_s3(svc: S3Service, proc: subprocess.Popen | None, timeout: float) -> bool:
+def _wait(answers: Callable[[], bool], proc: subprocess.Popen | None, timeout: float) -> bool:
+    """Until `answers()` or the process exits or the timeout passes; backing off to 1 s."""
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
         if proc is not None and proc.poll() is not None:
             return False
-        if _s3_answers(svc, timeout=2.0):
+        if answers():
             return True
         if time.monotonic() >= deadline:
             return False
@@ -608,7 +609,7 @@ def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict
     current = load_services(home)
     if current and current.api and current.api.pid:
         if _process(current.api.pid, API_MODULE) is not None:
-            if _wait_api(current.api, None, min(timeout, 10.0)):
+            if _wait(lambda: _api_answers(current.api, timeout=2.0), None, min(timeout, 10.0)):
                 current.api.running = current.api.answering = True
                 return current.api
             log.warning("local API pid %s does not answer: restarting it", current.api.pid)
@@ -635,7 +636,7 @@ def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start attempt {attempt}: port {p}\n".encode())
         proc = _spawn(cmd, log_path, env=child_env, cwd=home)
         svc = ApiService(base_url=f"http://{LOOPBACK}:{p}", api_key=api_key, pid=proc.pid)
-        if _wait_api(svc, proc, timeout):
+        if _wait(lambda: _api_answers(svc, timeout=2.0), proc, timeout):
             svc.running = svc.answering = True
             _save(home, api=svc)
             log.info("local API started: pid %s, %s, log %s", proc.pid, svc.base_url, log_path)
@@ -653,20 +654,6 @@ def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict
         f"could not start the local API: {last_error}. See the log {log_path}. "
         f"Last lines:\n{_log_tail(log_path)}"
     )
-
-
-def _wait_api(svc: ApiService, proc: subprocess.Popen | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    delay = 0.1
-    while True:
-        if proc is not None and proc.poll() is not None:
-            return False
-        if _api_answers(svc, timeout=2.0):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
 
 
 # --------------------------------------------------------------------------------------------
