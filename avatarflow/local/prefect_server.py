@@ -52,13 +52,16 @@ def _state(home: Path) -> PrefectServer | None:
         return None
 
 
-def prefect_env(home: Path) -> dict[str, str]:
-    """The server's own Prefect home and database, apart from the user's."""
+def prefect_env(home: Path, port: int) -> dict[str, str]:
+    """The server's own Prefect home and database, apart from the user's; the UI told where
+    its API is (else it looks on the default port)."""
     return {
         **os.environ,
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": LOOPBACK,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{LOOPBACK}:{port}/api",
     }
 
 
@@ -73,7 +76,7 @@ def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | Non
         p = port or free_ports(1)[0]
         log_path = home_path / "logs" / "prefect.log"
         cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", LOOPBACK, "--port", str(p)]
-        proc = _spawn(cmd, log_path, env=prefect_env(home_path), cwd=home_path)
+        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p), cwd=home_path)
         server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid)
         if not _wait(server.answers, proc, timeout):
             _stop_group(proc.pid, MARKER)
