@@ -71,6 +71,7 @@ class Chaos:
             self.by_endpoint_code: dict[str, int] = defaultdict(int)
             self.submit_times: list[float] = []
             self.request_times: list[float] = []
+            self.api_request_times: list[float] = []
             self._windows: dict[str, deque[float]] = defaultdict(deque)
 
     def configure(self, body: dict[str, Any]) -> None:
@@ -100,6 +101,8 @@ class Chaos:
                 self.requests[endpoint] += 1
                 now = time.time()
                 self.request_times.append(now)
+                if endpoint != "files":
+                    self.api_request_times.append(now)
                 if endpoint == "submit":
                     self.submit_times.append(now)
             else:
@@ -143,6 +146,7 @@ class Chaos:
                 "by_endpoint_code": dict(self.by_endpoint_code),
                 "submit_times": list(self.submit_times),
                 "request_times": list(self.request_times),
+                "api_request_times": list(self.api_request_times),
                 "settings": self.settings.model_dump(),
                 "faults": self.faults.model_dump(),
                 "jobs": jobs,

@@ -1,0 +1,82 @@
+"""A batch of many rows against the local API under a Prefect global concurrency limit with
+slot decay: wall time, outcome, and the request rate the server counted against the limit.
+
+    .venv/bin/python -m bench.bench_batch [--rows 200] [--per-minute 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import csv
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ASSET = Path(__file__).resolve().parent.parent / "avatarflow" / "assets" / "portrait.jpg"
+API_ENDPOINTS = ("submit", "status", "result", "history")
+
+
+def max_per_window(times: list[float], window: float = 60.0) -> int:
+    times = sorted(times)
+    return max((bisect.bisect_right(times, t + window) - i for i, t in enumerate(times)), default=0)
+
+
+async def ensure_limit(name: str, per_minute: int) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    async with get_client() as client:
+        try:
+            await client.delete_global_concurrency_limit_by_name(name)
+        except Exception:
+            pass
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=per_minute, slot_decay_per_second=per_minute / 60.0)
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--per-minute", type=int, default=300)
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    os.environ["AVATARFLOW_HOME"] = str(home)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from avatarflow.local import services
+    from flows.avatar_batch import avatar_batch
+
+    calendar = home / "calendar.csv"
+    with calendar.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "voice_script", "seed", "expected_seconds"])
+        for i in range(args.rows):
+            w.writerow([str(ASSET), f"Row {i}.", 10_000 + i, 3])
+    svcs = services.up()
+    name = "bench-api-rate"
+    try:
+        asyncio.run(ensure_limit(name, args.per_minute))
+        t = time.perf_counter()
+        out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local"))
+        wall = time.perf_counter() - t
+        stats = httpx.get(f"{svcs.api.base_url}/_local/stats", timeout=30).json()
+    finally:
+        services.down()
+    api_requests = sum(stats["requests"].get(e, 0) for e in API_ENDPOINTS)
+    times = stats["api_request_times"]
+    print(f"rows {out['rows']}: {out['completed']} completed, {out['failed']} failed, "
+          f"{out['invalid']} invalid, {out['skipped']} skipped in {wall:.0f} s; spent ${out['spent']:.2f}")
+    print(f"API requests {api_requests} ({', '.join(f'{e} {stats['requests'].get(e, 0)}' for e in API_ENDPOINTS)}); "
+          f"output downloads {stats['requests'].get('files', 0)}")
+    print(f"limit {args.per_minute}/min (slot decay {args.per_minute / 60:.2f}/s); "
+          f"max API requests in any 60 s window (server clock): {max_per_window(times)}")
+    print(f"manifest: {out['manifest_csv']} and {out['manifest_json']}; rows in it: {len(out['entries'])}")
+
+
+if __name__ == "__main__":
+    main()
