@@ -71,7 +71,8 @@ def main() -> None:
     times = stats["api_request_times"]
     print(f"rows {out['rows']}: {out['completed']} completed, {out['failed']} failed, "
           f"{out['invalid']} invalid, {out['skipped']} skipped in {wall:.0f} s; spent ${out['spent']:.2f}")
-    print(f"API requests {api_requests} ({', '.join(f'{e} {stats['requests'].get(e, 0)}' for e in API_ENDPOINTS)}); "
+    counts = ", ".join(f"{e} {stats['requests'].get(e, 0)}" for e in API_ENDPOINTS)
+    print(f"API requests {api_requests} ({counts}); "
           f"output downloads {stats['requests'].get('files', 0)}")
     print(f"limit {args.per_minute}/min (slot decay {args.per_minute / 60:.2f}/s); "
           f"max API requests in any 60 s window (server clock): {max_per_window(times)}")
