@@ -103,14 +103,6 @@ def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
     return "\n".join(lines)
 
 
-async def _download(url: str, dest: Path) -> Path:
-    from avatarflow.client import SegmindClient
-    from avatarflow.jobs import download_copy
-
-    async with SegmindClient(api_key="", base_url="http://127.0.0.1") as client:
-        return await download_copy(client, url, dest)
-
-
 def _run_flow(params: dict[str, Any], *, show_progress: bool) -> dict[str, Any]:
     from avatarflow import progress
     from avatarflow.spec import parse_video_request
@@ -192,7 +184,9 @@ def _safe(fn: Any) -> Any:
 
 
 def _finish(result: dict[str, Any], output: Path | None, as_json: bool) -> None:
-    local_copy = asyncio.run(_download(result["presigned_url"], output)) if output else None
+    from avatarflow.jobs import download_copy
+
+    local_copy = download_copy(result["presigned_url"], output) if output else None
     if as_json:
         typer.echo(json.dumps({**result, "local_copy": str(local_copy) if local_copy else None}, indent=2))
     else:

@@ -453,15 +453,17 @@ async def resume_request(
     return VideoResult.of(archived, plan, cache_hit=False, timings=timings).model_dump()
 
 
-async def download_copy(client: SegmindClient, url: str, dest: Path) -> Path:
+def download_copy(url: str, dest: Path) -> Path:
     """A local copy of a (presigned) URL, written beside and renamed into place."""
+    import httpx
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as f:
-            async with client.stream_output(url) as response:
-                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                    f.write(chunk)
+        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=60) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                f.write(chunk)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
