@@ -48,8 +48,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     os.environ["AVATARFLOW_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ["PREFECT_HOME"] = str(home / "prefect-client")
     from avatarflow.local import services
-    from flows.avatar_batch import avatar_batch
 
     calendar = home / "calendar.csv"
     with calendar.open("w", newline="") as f:
@@ -57,15 +57,21 @@ def main() -> None:
         w.writerow(["image", "voice_script", "seed", "expected_seconds"])
         for i in range(args.rows):
             w.writerow([str(ASSET), f"Row {i}.", 10_000 + i, 3])
+    from avatarflow.local.prefect_server import start_prefect, stop_prefect
+
     svcs = services.up()
+    os.environ["PREFECT_API_URL"] = start_prefect().api_url
     name = "bench-api-rate"
     try:
         asyncio.run(ensure_limit(name, args.per_minute))
+        from flows.avatar_batch import avatar_batch
+
         t = time.perf_counter()
         out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local"))
         wall = time.perf_counter() - t
         stats = httpx.get(f"{svcs.api.base_url}/_local/stats", timeout=30).json()
     finally:
+        stop_prefect()
         services.down()
     api_requests = sum(stats["requests"].get(e, 0) for e in API_ENDPOINTS)
     times = stats["api_request_times"]

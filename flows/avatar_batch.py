@@ -66,14 +66,16 @@ async def avatar_batch(
     budget: float | None = None,
     all_rows: bool = False,
     rate_limit: str | None = DEFAULT_RATE_LIMIT,
-    max_concurrency: int = 200,
+    max_concurrency: int = 32,
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
 ) -> dict[str, Any]:
     """Make the calendar's rows due `today` (default: today, UTC). A bad row fails that row; a
     budget (USD) stops submitting before a job would pass it; `rate_limit` names the Prefect
-    global concurrency limit (with slot decay) that holds the account's requests per minute."""
+    global concurrency limit (with slot decay) that holds the account's requests per minute.
+    All rows are scheduled at once; `max_concurrency` bounds the child runs in flight (what the
+    Prefect API takes comfortably; at 50 requests/min and ~100 s a job, ~30 are in flight anyway)."""
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
     day = today or datetime.now(timezone.utc).date()
