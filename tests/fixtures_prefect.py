@@ -14,11 +14,9 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture
-def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix):
-    """Environment for avatarflow.settings: the local API as the vendor, the test S3 as archive,
-    a key prefix of this test's own. Yields the prefix."""
-    env = {
+def pipeline_variables(local_api, s3_settings, prefix: str) -> dict[str, str]:
+    """avatarflow.settings' variables: the local API as the vendor, the test S3 as archive."""
+    return {
         "SEGMIND_API_KEY": local_api.api_key,
         "SEGMIND_BASE_URL": local_api.base_url,
         "AVATARFLOW_S3_BUCKET": s3_settings["bucket"],
@@ -26,8 +24,13 @@ def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix
         "AWS_ACCESS_KEY_ID": s3_settings["access_key"],
         "AWS_SECRET_ACCESS_KEY": s3_settings["secret_key"],
         "AWS_REGION": s3_settings["region"],
-        "AVATARFLOW_S3_PREFIX": s3_prefix,
+        "AVATARFLOW_S3_PREFIX": prefix,
     }
-    for k, v in env.items():
+
+
+@pytest.fixture
+def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix):
+    """The pipeline's environment with a key prefix of this test's own. Yields the prefix."""
+    for k, v in pipeline_variables(local_api, s3_settings, s3_prefix).items():
         monkeypatch.setenv(k, v)
     return s3_prefix

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_prefect import pipeline_variables
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -34,17 +36,10 @@ def prefect_server(tmp_path_factory):
 def pipeline_environment(local_api, s3_settings, prefix: str, api_url: str, home: Path) -> dict[str, str]:
     return {
         **os.environ,
+        **pipeline_variables(local_api, s3_settings, prefix),
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "SEGMIND_API_KEY": local_api.api_key,
-        "SEGMIND_BASE_URL": local_api.base_url,
-        "AVATARFLOW_S3_BUCKET": s3_settings["bucket"],
-        "AVATARFLOW_S3_ENDPOINT_URL": s3_settings["endpoint_url"],
-        "AWS_ACCESS_KEY_ID": s3_settings["access_key"],
-        "AWS_SECRET_ACCESS_KEY": s3_settings["secret_key"],
-        "AWS_REGION": s3_settings["region"],
-        "AVATARFLOW_S3_PREFIX": prefix,
     }
 
 

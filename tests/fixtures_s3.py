@@ -42,13 +42,7 @@ def s3_service(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def s3_settings(s3_service) -> dict[str, str]:
-    return {
-        "endpoint_url": s3_service.endpoint_url,
-        "access_key": s3_service.access_key,
-        "secret_key": s3_service.secret_key,
-        "bucket": s3_service.bucket,
-        "region": s3_service.region,
-    }
+    return {k: v for k, v in s3_service.to_json().items() if k != "pid"}
 
 
 @pytest.fixture(scope="session")
