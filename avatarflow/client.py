@@ -29,6 +29,7 @@ from avatarflow.contract import (
     StatusResponse,
     SubmitResponse,
     history_rows,
+    parse_request,
 )
 from avatarflow.errors import (
     ERRORS_BY_STATUS,
@@ -218,7 +219,7 @@ class SegmindClient:
     async def submit(self, request: AvatarRequest | dict[str, Any]) -> SubmitResponse:
         """POST /v2/p-video-avatar once. A lost answer raises AmbiguousSubmit: reconcile, don't repost."""
         if not isinstance(request, AvatarRequest):
-            request = AvatarRequest.model_validate(request)
+            request = parse_request(request)
         url = f"{self.base_url}/v2/{MODEL_SLUG}"
         if self._limiter is not None:
             await self._limiter()
