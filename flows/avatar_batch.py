@@ -35,20 +35,15 @@ async def _make(row: Row, budget: Budget, slots: asyncio.Semaphore, opts: dict[s
     async with slots:
         if not budget.reserve(estimate):
             return _entry(row, "skipped", error=f"budget: next job (~${estimate:.3f}) would pass ${budget.limit:.2f}")
-        state = await avatar_video(request=row.request, return_state=True, **opts)
-    if state.is_completed():
-        out = await state.result()
-        cost = 0.0 if out["cache_hit"] else out.get("cost")
-        budget.settle(estimate, cost)
-        return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
-                      cache_hit=out["cache_hit"], cost=cost)
-    try:
-        await state.result()
-        error = state.message
-    except Exception as e:  # the row's own failure, recorded, not raised
-        error = f"{type(e).__name__}: {e}"
-    budget.settle(estimate, None)
-    return _entry(row, "failed", error=error)
+        try:
+            out = await avatar_video(request=row.request, **opts)
+        except Exception as e:  # this row's failure (or its child run's), recorded, not raised
+            budget.settle(estimate, None)
+            return _entry(row, "failed", error=f"{type(e).__name__}: {e}")
+    cost = 0.0 if out["cache_hit"] else out.get("cost")
+    budget.settle(estimate, cost)
+    return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
+                  cache_hit=out["cache_hit"], cost=cost)
 
 
 def manifest_csv(entries: list[dict[str, Any]]) -> str:
@@ -92,7 +87,10 @@ async def avatar_batch(
         nonlocal done
         entry = await _make(row, spend, slots, opts)
         done += 1
-        await aupdate_progress_artifact(progress, 100.0 * done / max(len(rows), 1))
+        try:
+            await aupdate_progress_artifact(progress, 100.0 * done / max(len(rows), 1))
+        except Exception as e:  # progress is best effort; the manifest is the record
+            logger.warning("progress artifact not updated: %s", e)
         return entry
 
     entries = list(await asyncio.gather(*(one(r) for r in rows)))
