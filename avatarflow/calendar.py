@@ -2,17 +2,22 @@
 
 Columns named like the API (`image`, `voice_script`, `audio`, `voice`, `voice_language`,
 `resolution`, `seed`, ...) plus `preset` and `publish_date`; any other column is a field for the
-`voice_script` template (`Hello {{ name }}!`). A bad row is reported with its line and the
-field, not raised: it fails that row, not the batch.
+`voice_script` template (`Hello {{ name }}!`), unless it looks like a misspelt parameter
+(`voice_langauge`), which is an error. A bad row is reported with its line and the field, not
+raised: it fails that row, not the batch. `check_sources` also fails, before anything is
+submitted, the rows whose local `image` or `audio` file is not there.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
+import re
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 from avatarflow import media
@@ -84,12 +89,20 @@ def parse_row(line: int, raw: dict[str, Any]) -> Row:
     row = Row(line, raw, label=str(values.get("image", ""))[-40:])
     published = values.pop("publish_date", None)
     try:
-        row.publish_date = date.fromisoformat(str(published)) if published else None
+        row.publish_date = _date(published)
     except ValueError:
         row.error = f"line {line}: publish_date={published!r} is not a date; allowed: YYYY-MM-DD"
         return row
     request = {k: _typed(k, v) for k, v in values.items() if k in REQUEST_FIELDS}
     extra = {k: v for k, v in values.items() if k not in REQUEST_FIELDS}
+    script = str(values.get("voice_script", ""))
+    for name in extra:
+        close = difflib.get_close_matches(name, sorted(REQUEST_FIELDS | {"publish_date"}), n=1, cutoff=0.8)
+        if close and not re.search(r"{{\s*%s\b" % re.escape(name), script):
+            row.error = (f"line {line}: column {name!r} is not a parameter (did you mean {close[0]!r}?); "
+                         f"allowed: {', '.join(sorted(REQUEST_FIELDS | {'publish_date'}))}, "
+                         "or a field the voice_script template uses")
+            return row
     if extra:
         request["template_fields"] = extra
     try:
@@ -97,6 +110,39 @@ def parse_row(line: int, raw: dict[str, Any]) -> Row:
     except ContractError as e:
         row.error = f"line {line}: {e}"
     return row
+
+
+def _date(value: Any) -> date | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, date):
+        return value if not isinstance(value, datetime) else value.date()
+    text = str(value).strip()
+    return date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
+
+
+def _local_path(ref: str | None) -> Path | None:
+    if not ref or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", ref):
+        return None  # a URL, s3:// or data: URI: fetched when the row runs
+    return Path(ref).expanduser()
+
+
+def check_sources(rows: list[Row], base: Path | None = None) -> list[Row]:
+    """Fail (before any submit) the valid rows whose local `image` or `audio` file is missing;
+    relative paths are taken from `base` (default: the working directory)."""
+    for row in rows:
+        if row.request is None:
+            continue
+        for name in ("image", "audio"):
+            path = _local_path(getattr(row.request, name))
+            if path is None:
+                continue
+            full = path if path.is_absolute() or base is None else base / path
+            if not full.is_file():
+                row.error = f"line {row.line}: {name}={str(path)!r}: no such file"
+                row.request = None
+                break
+    return rows
 
 
 def read_calendar(source: str, *, s3_client: Any = None) -> list[Row]:

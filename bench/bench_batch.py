@@ -82,6 +82,9 @@ def main() -> None:
           f"output downloads {stats['requests'].get('files', 0)}")
     print(f"limit {args.per_minute}/min (slot decay {args.per_minute / 60:.2f}/s); "
           f"max API requests in any 60 s window (server clock): {max_per_window(times)}")
+    reasons = sorted({e["error"] for e in out["entries"] if e["status"] == "failed"})
+    for reason in reasons:
+        print(f"failed row: {reason[:200]}")
     print(f"manifest: {out['manifest_csv']} and {out['manifest_json']}; rows in it: {len(out['entries'])}")
 
 

@@ -1,57 +1,105 @@
 """avatar_batch: the rows of a content calendar due today, each a child run of avatar_video,
-all at once under the account's request rate and a budget; a manifest of every row at the end."""
+all at once under the account's request rate and a budget; a manifest of every row at the end.
+
+Order of work: read and validate every row (a bad row is recorded as failed, with its line and
+field, before anything is submitted); decide the budget (the first job whose estimate would pass
+it, and every later one, is `skipped`); then fan out the rest as child runs of avatar_video
+(asyncio; `return_state=True`, so a row that fails fails that row only). Every API request of
+every child takes a slot of the `rate_limit` global concurrency limit (slot decay) first: the
+account's requests per minute, held across all workers. At the end: a table artifact, and the
+manifest as CSV and JSON beside the videos (`batches/<flow run id>/manifest.csv|json`)."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
 import io
-import json
+import time
 from datetime import date, datetime, timezone
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import acreate_progress_artifact, acreate_table_artifact, aupdate_progress_artifact
+from prefect.artifacts import (
+    acreate_link_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 from prefect.runtime import flow_run
 
-from avatarflow.budget import Budget, estimate_cost
-from avatarflow.calendar import Row, due, read_calendar
+from avatarflow.budget import estimate_cost, plan
+from avatarflow.calendar import Row, check_sources, due, read_calendar
 from flows.avatar_video import avatar_video, resolve
 
-MANIFEST_COLUMNS = ("line", "image", "status", "s3_uri", "request_id", "seed", "cache_hit", "cost", "error")
+MANIFEST_COLUMNS = (
+    "line", "image", "publish_date", "status", "s3_uri", "request_id", "seed", "cache_hit",
+    "estimated_cost", "cost", "flow_run_id", "error",
+)
+STATUSES = ("completed", "failed", "skipped")
 DEFAULT_RATE_LIMIT = "avatarflow-api"
+CHILD_ATTEMPTS = 2
+# Errors about the row itself: another attempt would fail the same way (or pay again).
+FINAL_ERRORS = (JobFailed, JobExpired, MediaError, ContractError, TemplateError, SubmitUnresolved)
+PROGRESS_EVERY_S = 2.0
 
 
 def _entry(row: Row, status: str, **kw: Any) -> dict[str, Any]:
-    base = {c: None for c in MANIFEST_COLUMNS}
-    return {**base, "line": row.line, "image": (row.request.image if row.request else row.raw.get("image")),
+    image = row.request.image if row.request else row.raw.get("image") or row.raw.get("portrait")
+    base = dict.fromkeys(MANIFEST_COLUMNS)
+    return {**base, "line": row.line, "image": image,
+            "publish_date": row.publish_date.isoformat() if row.publish_date else None,
             "status": status, "error": row.error, **kw}
 
 
-async def _make(row: Row, budget: Budget, slots: asyncio.Semaphore, opts: dict[str, Any]) -> dict[str, Any]:
-    if row.request is None:
-        return _entry(row, "invalid")
-    estimate = estimate_cost(row.request)
+def _error_of(result: Any, state: Any) -> str:
+    if isinstance(result, BaseException):
+        return f"{type(result).__name__}: {result}"
+    return f"{state.name}: {state.message or 'no message'}"
+
+
+async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any]) -> dict[str, Any]:
+    """One row as a child run of avatar_video; its failure is this row's, never the batch's."""
     async with slots:
-        if not budget.reserve(estimate):
-            return _entry(row, "skipped", error=f"budget: next job (~${estimate:.3f}) would pass ${budget.limit:.2f}")
         try:
-            out = await avatar_video(request=row.request, **opts)
-        except Exception as e:  # this row's failure (or its child run's), recorded, not raised
-            budget.settle(estimate, None)
-            return _entry(row, "failed", error=f"{type(e).__name__}: {e}")
-    cost = 0.0 if out["cache_hit"] else out.get("cost")
-    budget.settle(estimate, cost)
+            state = await avatar_video(request=row.request, return_state=True, **opts)
+        except Exception as e:  # a child run that could not even start
+            return _entry(row, "failed", estimated_cost=estimate, error=f"{type(e).__name__}: {e}")
+    child = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
+    if not state.is_completed():
+        result = await state.aresult(raise_on_failure=False)
+        return _entry(row, "failed", estimated_cost=estimate, flow_run_id=child, error=_error_of(result, state))
+    out = await state.aresult()
+    cost = 0.0 if out.get("cache_hit") else out.get("cost")
     return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
-                  cache_hit=out["cache_hit"], cost=cost)
+                  cache_hit=out["cache_hit"], estimated_cost=estimate, cost=cost, flow_run_id=child)
 
 
 def manifest_csv(entries: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(entries)
     return buf.getvalue()
+
+
+class _Progress:
+    """The progress artifact, updated at most every PROGRESS_EVERY_S (hundreds of rows finish
+    close together) and at the end; best effort: the manifest is the record."""
+
+    def __init__(self, artifact_id: UUID | None, total: int, logger: Any):
+        self.id, self.total, self.done, self.logger, self.last = artifact_id, total, 0, logger, 0.0
+
+    async def step(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.id is None or not (final or now - self.last >= PROGRESS_EVERY_S):
+            return
+        self.last = now
+        try:
+            await aupdate_progress_artifact(self.id, 100.0 * self.done / max(self.total, 1))
+        except Exception as e:
+            self.logger.warning("progress artifact not updated: %s", e)
 
 
 @flow(name="avatar_batch", flow_run_name="avatar-batch-{calendar}", persist_result=False)
@@ -59,53 +107,90 @@ async def avatar_batch(
     calendar: str,
     today: date | None = None,
     budget: float | None = None,
-    all_rows: bool = False,
     rate_limit: str | None = DEFAULT_RATE_LIMIT,
-    max_concurrency: int = 32,
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
+    all_rows: bool = False,
+    max_concurrency: int = 32,
 ) -> dict[str, Any]:
-    """Make the calendar's rows due `today` (default: today, UTC). A bad row fails that row; a
-    budget (USD) stops submitting before a job would pass it; `rate_limit` names the Prefect
-    global concurrency limit (with slot decay) that holds the account's requests per minute.
-    All rows are scheduled at once; `max_concurrency` bounds the child runs in flight (what the
-    Prefect API takes comfortably; at 50 requests/min and ~100 s a job, ~30 are in flight anyway)."""
+    """Make the content calendar's rows due `today` (default: today, UTC), each a child run of
+    avatar_video.
+
+    `calendar`: CSV or JSONL, a local path, URL or s3:// URI; a row per video with the API's
+    names (`image`, `voice_script` or `audio`, `voice`, `voice_language`, `resolution`, `seed`)
+    plus `preset` and `publish_date`. `budget` (USD): stop submitting before the next job's
+    estimate (speech seconds x price per second) would pass it. `rate_limit`: the Prefect global
+    concurrency limit (slot decay) every API request takes a slot of. `all_rows`: every row,
+    whatever its publish_date. `max_concurrency`: child runs in flight at once (at 50
+    requests/min and ~100 s a job, about 30 are in flight anyway)."""
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
     day = today or datetime.now(timezone.utc).date()
-    rows = due(await asyncio.to_thread(read_calendar, calendar, s3_client=store.s3), day, all_rows=all_rows)
-    logger.info("%d rows due on %s in %s", len(rows), day, calendar)
-    progress = await acreate_progress_artifact(0.0, key="avatar-batch-progress", description=f"{calendar} on {day}")
-    spend = Budget(budget)
-    slots = asyncio.Semaphore(max_concurrency)
+    every = await asyncio.to_thread(read_calendar, calendar, s3_client=store.s3)
+    rows = check_sources(due(every, day, all_rows=all_rows))
+    logger.info("%d of %d rows due on %s in %s", len(rows), len(every), day, calendar)
+
+    valid = [r for r in rows if r.request is not None]
+    budget_plan = plan((estimate_cost(r.request) for r in valid), budget)
+    go: list[tuple[Row, float]] = []
+    entries_by_line: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row.request is None:
+            entries_by_line[row.line] = _entry(row, "failed")
+    for i, row in enumerate(valid):
+        estimate = budget_plan.estimates[i]
+        if budget_plan.submit[i]:
+            go.append((row, estimate))
+        else:
+            entries_by_line[row.line] = _entry(row, "skipped", estimated_cost=estimate, error=budget_plan.reason(i))
+    logger.info("%d invalid, %d skipped by the budget, %d to submit (~$%.3f estimated)",
+                len(rows) - len(valid), len(valid) - len(go), len(go), budget_plan.planned)
+
+    try:
+        progress_id = await acreate_progress_artifact(
+            0.0, key="avatar-batch-progress", description=f"{calendar} on {day}: {len(go)} videos")
+    except Exception as e:
+        logger.warning("progress artifact not created: %s", e)
+        progress_id = None
+    progress = _Progress(progress_id, len(go), logger)
+    slots = asyncio.Semaphore(max(1, max_concurrency))
     opts = {"credentials_block": credentials_block, "archive_block": archive_block, "backend": backend,
             "rate_limit": rate_limit}
-    done = 0
 
-    async def one(row: Row) -> dict[str, Any]:
-        nonlocal done
-        entry = await _make(row, spend, slots, opts)
-        done += 1
-        try:
-            await aupdate_progress_artifact(progress, 100.0 * done / max(len(rows), 1))
-        except Exception as e:  # progress is best effort; the manifest is the record
-            logger.warning("progress artifact not updated: %s", e)
+    async def one(row: Row, estimate: float) -> dict[str, Any]:
+        entry = await _make(row, estimate, slots, opts)
+        progress.done += 1
+        await progress.step()
         return entry
 
-    entries = list(await asyncio.gather(*(one(r) for r in rows)))
-    if not rows:
-        await aupdate_progress_artifact(progress, 100.0)
-    run_id = str(flow_run.id or "local")
+    for entry in await asyncio.gather(*(one(r, e) for r, e in go)):
+        entries_by_line[entry["line"]] = entry
+    await progress.step(final=True)
+    entries = [entries_by_line[r.line] for r in rows]
+
+    counts = {s: sum(e["status"] == s for e in entries) for s in STATUSES}
+    spent = round(sum(e["cost"] or 0.0 for e in entries if e["status"] == "completed"), 6)
+    run_id = str(flow_run.id or f"local-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
     prefix = store.key("batches", run_id)
-    await store.put_json(f"{prefix}/manifest.json", {"calendar": calendar, "day": day.isoformat(),
-                                                     "budget": budget, "spent": round(spend.spent, 6),
-                                                     "rows": entries})
+    summary = {"calendar": calendar, "day": day.isoformat(), "flow_run_id": run_id, "budget": budget,
+               "estimated": budget_plan.planned, "spent": spent, "rate_limit": rate_limit, **counts}
+    await store.put_json(f"{prefix}/manifest.json", {**summary, "columns": list(MANIFEST_COLUMNS), "rows": entries})
     await asyncio.to_thread(store.s3.put_object, Bucket=store.bucket, Key=f"{prefix}/manifest.csv",
                             Body=manifest_csv(entries).encode(), ContentType="text/csv")
-    await acreate_table_artifact(table=entries, key="avatar-batch-rows", description=f"{calendar} on {day}")
-    counts = {s: sum(e["status"] == s for e in entries) for s in ("completed", "failed", "invalid", "skipped")}
-    logger.info("batch done: %s; spent $%.3f", json.dumps(counts), spend.spent)
-    return {"day": day.isoformat(), "rows": len(entries), **counts, "spent": round(spend.spent, 6),
-            "manifest_json": store.uri(f"{prefix}/manifest.json"), "manifest_csv": store.uri(f"{prefix}/manifest.csv"),
+    manifest_json, manifest_csv_uri = store.uri(f"{prefix}/manifest.json"), store.uri(f"{prefix}/manifest.csv")
+
+    name = Path(calendar.rstrip("/")).name
+    await acreate_table_artifact(
+        table=[{c: e[c] for c in MANIFEST_COLUMNS} for e in entries], key="avatar-batch-rows",
+        description=(f"{name} on {day}: {counts['completed']} completed, {counts['failed']} failed, "
+                     f"{counts['skipped']} skipped; spent ${spent:.3f}; manifest {manifest_csv_uri}"))
+    try:
+        url = await store.presign(f"{prefix}/manifest.csv")
+        await acreate_link_artifact(link=url, link_text=manifest_csv_uri, key="avatar-batch-manifest",
+                                    description=f"Manifest of {name} on {day} (also {manifest_json})")
+    except Exception as e:
+        logger.warning("manifest link artifact not created: %s", e)
+    logger.info("batch done: %s; spent $%.3f; manifest %s", counts, spent, manifest_csv_uri)
+    return {**summary, "rows": len(entries), "manifest_json": manifest_json, "manifest_csv": manifest_csv_uri,
             "entries": entries}
