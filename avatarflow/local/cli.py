@@ -1,11 +1,22 @@
-"""`avatarflow local ...`: the local API server (and, mounted by the main CLI, up/down/status)."""
+"""`avatarflow local ...`: the local API server (and, mounted by the main CLI, up/down/status).
+
+Run it before the console script is wired as ``python -m avatarflow.local.cli serve ...``.
+
+Fault knobs at start-up (all off by default; the same schema as ``POST /_local/faults``, see
+:mod:`avatarflow.local.chaos`): ``--faults`` takes the whole JSON object (or ``@file.json``), and
+the single flags below are applied over it:
+
+    --fault status.500=0.1 --fault submit.drop=0.05   # ENDPOINT.KIND=RATE, repeatable
+    --fail-rate 0.2 --submit-drop-after-accept 0.1 --submit-delay 5 --fault-count 3 --retry-after 2
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -17,35 +28,108 @@ def _group() -> None:
     """Local services: the p-video-avatar API and S3 on loopback."""
 
 
+def fault_settings(
+    faults: str | None = None,
+    fault: list[str] | None = None,
+    fail_rate: float | None = None,
+    submit_drop_after_accept: float | None = None,
+    submit_delay: float | None = None,
+    fault_count: int | None = None,
+    retry_after: float | None = None,
+) -> dict[str, Any]:
+    """The fault object the CLI flags describe; ValueError with a readable message when bad."""
+    from avatarflow.local.chaos import ENDPOINTS, FAULT_KINDS, Faults, Settings
+
+    body: dict[str, Any] = {}
+    if faults:
+        text = faults
+        if faults.startswith("@"):
+            try:
+                text = Path(faults[1:]).read_text()
+            except OSError as e:
+                raise ValueError(f"--faults {faults!r}: cannot read the file: {e.strerror or e}") from None
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--faults is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ValueError("--faults must be a JSON object")
+    for item in fault or []:
+        name, sep, rate = item.partition("=")
+        endpoint, dot, kind = name.partition(".")
+        if not (sep and dot):
+            raise ValueError(f"--fault {item!r} is not ENDPOINT.KIND=RATE (e.g. status.500=0.1)")
+        if endpoint not in ENDPOINTS:
+            raise ValueError(f"--fault {item!r}: endpoint {endpoint!r} is not allowed; allowed: {', '.join(ENDPOINTS)}")
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"--fault {item!r}: kind {kind!r} is not allowed; allowed: {', '.join(FAULT_KINDS)}")
+        try:
+            value = float(rate)
+        except ValueError:
+            raise ValueError(f"--fault {item!r}: rate {rate!r} is not a number from 0 to 1") from None
+        body.setdefault(endpoint, {})[kind] = value
+    for key, value in (("fail_rate", fail_rate), ("submit_drop_after_accept", submit_drop_after_accept),
+                       ("submit_delay", submit_delay), ("count", fault_count), ("retry_after", retry_after)):
+        if value is not None:
+            body[key] = value
+    for endpoint in ENDPOINTS:
+        for kind, rate in (body.get(endpoint) or {}).items():
+            if kind not in FAULT_KINDS:
+                raise ValueError(f"faults: {endpoint}.{kind} is not a fault; allowed: {', '.join(FAULT_KINDS)}")
+            if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+                raise ValueError(f"faults: {endpoint}.{kind}={rate!r} is not a rate from 0 to 1")
+    for key in ("fail_rate", "submit_drop_after_accept"):
+        if key in body and not (isinstance(body[key], (int, float)) and 0 <= body[key] <= 1):
+            raise ValueError(f"faults: {key}={body[key]!r} is not a rate from 0 to 1")
+    unknown = sorted(set(body) - set(Faults.model_fields) - set(Settings.model_fields))
+    if unknown:
+        allowed = ", ".join([*Faults.model_fields, *Settings.model_fields])
+        raise ValueError(f"faults: {', '.join(unknown)} is not a fault knob; allowed: {allowed}")
+    try:
+        Faults.model_validate({k: v for k, v in body.items() if k in Faults.model_fields})
+        Settings.model_validate({k: v for k, v in body.items() if k in Settings.model_fields})
+    except ValueError as e:  # pydantic's ValidationError
+        raise ValueError(f"faults: {e}") from None
+    return body
+
+
 @local_app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", help="Loopback address to bind."),
+    host: str = typer.Option("127.0.0.1", help="Loopback address to bind (anything else is refused)."),
     port: int = typer.Option(8787, help="Port."),
-    api_key: list[str] = typer.Option([], help="A key the server accepts (repeatable); also AVATARFLOW_LOCAL_API_KEY."),
+    api_key: list[str] = typer.Option([], help="A key the server accepts (repeatable); also AVATARFLOW_LOCAL_API_KEY (comma-separated)."),
     data_dir: Optional[Path] = typer.Option(None, help="Where outputs are written (default: a temporary directory)."),
-    workers: int = typer.Option(2, help="Jobs rendered at once."),
-    retention: float = typer.Option(3600.0, help="Seconds a request record lives (then 404)."),
-    min_processing_time: float = typer.Option(0.0, help="A job stays PROCESSING at least this long."),
-    rate_limit: int = typer.Option(0, help="Requests per minute per key (0: off)."),
+    workers: int = typer.Option(2, min=1, help="Jobs rendered at once."),
+    retention: float = typer.Option(3600.0, min=0, help="Seconds a request record lives (then 404); history rows never expire."),
+    min_processing_time: float = typer.Option(0.0, min=0, help="A job stays PROCESSING at least this long."),
+    rate_limit: int = typer.Option(0, min=0, help="Requests per minute per key (0: off)."),
     credits: float = typer.Option(100.0, help="Starting balance reported as remaining_credits."),
-    faults: Optional[str] = typer.Option(None, help="Fault injection as JSON (see avatarflow.local.chaos)."),
+    faults: Optional[str] = typer.Option(None, help="Fault injection as a JSON object, or @file.json (schema: avatarflow.local.chaos)."),
+    fault: list[str] = typer.Option([], help="One fault rate, ENDPOINT.KIND=RATE (e.g. status.500=0.1, submit.drop=0.05); repeatable."),
+    fail_rate: Optional[float] = typer.Option(None, help="Share of jobs that end FAILED ('local: injected failure')."),
+    submit_drop_after_accept: Optional[float] = typer.Option(None, help="Share of submits queued whose answer is then cut off."),
+    submit_delay: Optional[float] = typer.Option(None, help="Seconds a submit answer is held back (the job is queued at once)."),
+    fault_count: Optional[int] = typer.Option(None, help="Only this many injected faults fire, then all clear."),
+    retry_after: Optional[float] = typer.Option(None, help="Retry-After seconds of injected 429s."),
 ) -> None:
     """Serve the Segmind-compatible p-video-avatar API on loopback."""
-    import json
-
-    from avatarflow.local.api import ServerConfig, serve as run
+    from avatarflow.local.api import ServerConfig, check_loopback, serve as run
     from avatarflow.local.chaos import Faults, Settings
 
-    keys = list(api_key) + [k for k in os.environ.get("AVATARFLOW_LOCAL_API_KEY", "").split(",") if k]
-    config = ServerConfig(
-        data_dir=data_dir or Path(tempfile.mkdtemp(prefix="avatarflow-api-")),
-        api_keys=keys,
-        workers=workers,
-        settings=Settings(min_processing_time=min_processing_time, rate_limit=rate_limit, retention=retention),
-        faults=Faults.model_validate(json.loads(faults)) if faults else Faults(),
-        credits=credits,
-    )
     try:
+        check_loopback(host)
+        body = fault_settings(faults, fault, fail_rate, submit_drop_after_accept, submit_delay, fault_count, retry_after)
+        settings = {k: body.pop(k) for k in list(body) if k in Settings.model_fields}
+        keys = list(api_key) + [k.strip() for k in os.environ.get("AVATARFLOW_LOCAL_API_KEY", "").split(",") if k.strip()]
+        config = ServerConfig(
+            data_dir=data_dir or Path(tempfile.mkdtemp(prefix="avatarflow-api-")),
+            api_keys=keys,
+            workers=workers,
+            settings=Settings(**{"min_processing_time": min_processing_time, "rate_limit": rate_limit,
+                                 "retention": retention, **settings}),
+            faults=Faults.model_validate(body),
+            credits=credits,
+        )
         run(host, port, config)
     except ValueError as e:
         typer.secho(f"error: {e}", fg="red", err=True)

@@ -41,6 +41,7 @@ class LocalJob:
     duration_s: float | None = None
     cost: float | None = None
     seed: int | None = None
+    injected_failure: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -78,7 +79,8 @@ class JobQueue:
         self._tasks: set[asyncio.Task] = set()
 
     def submit(self, request: AvatarRequest, body: dict[str, Any]) -> LocalJob:
-        job = LocalJob(request_id=str(uuid.uuid4()), request=request, body=body, created_at=time.time())
+        job = LocalJob(request_id=str(uuid.uuid4()), request=request, body=body, created_at=time.time(),
+                       injected_failure=self.chaos.roll("fail_rate"))
         self.jobs[job.request_id] = job
         task = asyncio.get_running_loop().create_task(self._run(job))
         self._tasks.add(task)
@@ -108,7 +110,7 @@ class JobQueue:
             wait = job.started_at + self.chaos.settings.min_processing_time - time.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if job.status != "FAILED" and self.chaos.roll("fail_rate"):
+            if job.status != "FAILED" and job.injected_failure:
                 job.status, job.error = "FAILED", INJECTED_FAILURE
             if job.status != "FAILED":
                 job.status = "COMPLETED"
