@@ -313,7 +313,12 @@ class SegmindClient:
                     if not response.is_success:
                         await response.aread()
                         _raise_for_status(response)
-                    yield response
+                    try:
+                        yield response
+                    except (httpx.TimeoutException, httpx.TransportError) as e:
+                        # cut off while the caller read the body: a context manager cannot yield
+                        # again (retrying here raised RuntimeError), so surface it typed
+                        raise TransportError(f"download of {url} cut off: {type(e).__name__}") from None
                     return
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 if attempt >= self.max_retries:

@@ -215,7 +215,8 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def files(name: str) -> Response:
         rid = name.removesuffix(".mp4")
         job = queue().history(rid)
-        if job is None or job.output is None or not job.output.exists() or "/" in name:
+        if (job is None or job.status != "COMPLETED" or job.output is None or not job.output.exists()
+                or "/" in name):
             return _json(404, {"error": f"file {name} not found"})
         return FileResponse(job.output, media_type="video/mp4")
 
@@ -233,6 +234,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         sort_by: str = "created_at", sort_order: str = "desc",
     ) -> Response:
         try:
+            if page < 1:
+                raise ContractError(f"page={page} is out of range; allowed: 1 or more", ["page"])
             if not 1 <= per_page <= 100:
                 raise ContractError(f"per_page={per_page} is out of range; allowed: 1 to 100", ["per_page"])
             if status and status.upper() not in ("COMPLETED", "FAILED", "PENDING"):

@@ -1,0 +1,479 @@
+"""The local p-video-avatar API over real HTTP (httpx against the real server process): the job
+life cycle and its result body, real MP4s decoded, keys, 404s, retention, bad bodies, FAILED jobs,
+the safety filter, the rate limit, every injected fault, the history, sync, loopback only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from avatarflow import contract, media
+from avatarflow.local.api import check_loopback
+from avatarflow.local.tts import synthesize
+from tests.fixtures_api import ROOT, start_local_api, stop_local_api
+
+SLUG = contract.MODEL_SLUG
+
+
+@pytest.fixture(scope="module")
+def image(portrait_bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(portrait_bytes).decode()
+
+
+@pytest.fixture(scope="module")
+def blank_image() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def seed() -> int:
+    return random.randint(1, 10**12)
+
+
+def post(api, body=None, key=None, path=f"/v2/{SLUG}", **kw) -> httpx.Response:
+    headers = {} if key == "" else {"x-api-key": api.api_key if key is None else key}
+    if body is not None:
+        kw["json"] = body
+    return httpx.post(f"{api.base_url}{path}", headers=headers, timeout=60, **kw)
+
+
+def get(api, path: str, key=None, **params) -> httpx.Response:
+    headers = {} if key == "" else {"x-api-key": api.api_key if key is None else key}
+    return httpx.get(f"{api.base_url}{path}", headers=headers, params=params, timeout=30)
+
+
+def submit(api, body) -> str:
+    r = post(api, body)
+    assert r.status_code == 200, r.text
+    return r.json()["request_id"]
+
+
+def finish(api, rid: str, timeout: float = 60) -> httpx.Response:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = get(api, f"/v2/requests/{rid}/status")
+        if r.status_code in (200, 422) and r.json().get("status") in contract.FINAL_STATUSES:
+            return r
+        time.sleep(0.25)
+    raise AssertionError(f"{rid} not final after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def done_job(local_api, image) -> dict:
+    """One COMPLETED 720p job, shared by the tests that only read it."""
+    local_api.reset()
+    script = "The local engine renders real video."
+    rid = submit(local_api, {"image": image, "voice_script": script, "seed": seed()})
+    assert finish(local_api, rid).json() == {"request_id": rid, "status": "COMPLETED"}
+    return {"request_id": rid, "script": script, "resolution": "720p"}
+
+
+def _check_video(api, result: dict, script: str, resolution: str, tmp_path) -> None:
+    assert result["status"] == "COMPLETED"
+    assert result["output"] == result["video"]["url"]
+    assert result["video"]["content_type"] == "video/mp4"
+    assert result["video"]["file_name"] == f"{result['request_id']}.mp4"
+    video = httpx.get(result["output"], timeout=30)  # no key: output URLs need none
+    assert video.status_code == 200, video.text
+    assert video.headers["content-type"] == "video/mp4"
+    assert len(video.content) == result["video"]["file_size"] > 0
+    path = tmp_path / "out.mp4"
+    path.write_bytes(video.content)
+    probe = media.probe_video(path)
+    assert probe.has_video and probe.has_audio
+    assert probe.video_codec and probe.audio_codec
+    assert (probe.width, probe.height) == contract.RESOLUTION_SIZE[resolution]
+    speech = synthesize(script, contract.DEFAULT_VOICE, contract.DEFAULT_VOICE_LANGUAGE).duration_s
+    assert abs(probe.duration_s - speech) <= 0.2, (probe.duration_s, speech)
+    assert abs(probe.video_duration_s - speech) <= 0.2 and abs(probe.audio_duration_s - speech) <= 0.2
+    m = result["metrics"]
+    # priced on the output video's duration (whole 25 fps frames): cost_of(duration, resolution)
+    assert m["cost"] == contract.cost_of(probe.video_duration_s, resolution)
+    assert m["cost"] == pytest.approx(contract.cost_of(speech, resolution), abs=0.2 * 0.045)
+    for k in ("inference_time", "queue_time", "total_time", "remaining_credits"):
+        assert isinstance(m[k], (int, float)), k
+    assert m["total_time"] >= m["inference_time"] >= 0
+
+
+# ---- life cycle ---------------------------------------------------------------------------------
+def test_submit_poll_complete_result_and_a_real_720p_mp4(api, image, tmp_path):
+    script = "Hello from the local engine."
+    r = post(api, {"image": image, "voice_script": script, "seed": seed()})
+    assert r.status_code == 200
+    body = r.json()
+    rid = body["request_id"]
+    assert body["status"] == "QUEUED"
+    assert body["status_url"] == f"{api.base_url}/v2/requests/{rid}/status"
+    assert body["response_url"] == f"{api.base_url}/v2/requests/{rid}"
+    seen = set()
+    deadline = time.time() + 60
+    while True:
+        st = get(api, f"/v2/requests/{rid}/status")
+        assert st.status_code == 200
+        seen.add(st.json()["status"])
+        if st.json()["status"] == "COMPLETED":
+            break
+        assert st.json()["status"] in ("QUEUED", "PROCESSING") and time.time() < deadline
+        time.sleep(0.2)
+    assert seen <= {"QUEUED", "PROCESSING", "COMPLETED"}
+    res = get(api, f"/v2/requests/{rid}")
+    assert res.status_code == 200
+    _check_video(api, res.json(), script, "720p", tmp_path)
+    # the job's own cost is exactly the contract price of its duration
+    job = api.stats()["jobs"][rid]
+    assert job["status"] == "COMPLETED" and job["error"] is None
+
+
+def test_1080p_with_a_very_short_script(api, image, tmp_path):
+    script = "Full HD."
+    rid = submit(api, {"image": image, "voice_script": script, "resolution": "1080p", "seed": seed()})
+    assert finish(api, rid).json()["status"] == "COMPLETED"
+    res = get(api, f"/v2/requests/{rid}").json()
+    _check_video(api, res, script, "1080p", tmp_path)
+
+
+def test_metrics_cost_is_cost_of_the_output_duration(api, done_job):
+    res = get(api, f"/v2/requests/{done_job['request_id']}").json()
+    data = httpx.get(res["output"], timeout=30).content
+    probe = media.probe_video(data)
+    assert res["metrics"]["cost"] == contract.cost_of(probe.video_duration_s, "720p")
+    assert res["metrics"]["cost"] == pytest.approx(contract.cost_of(probe.duration_s, "720p"), abs=0.025 * 0.1)
+    hist = get(api, f"/inference-request/request-history/{done_job['request_id']}").json()
+    assert hist["credits_deduction"] == res["metrics"]["cost"]
+
+
+# ---- keys and ids -------------------------------------------------------------------------------
+API_CALLS = [
+    ("POST", f"/v2/{SLUG}"),
+    ("GET", "/v2/requests/{rid}/status"),
+    ("GET", "/v2/requests/{rid}"),
+    ("GET", "/inference-request/request-history/{rid}"),
+    ("GET", "/inference-request/request-history"),
+    ("POST", f"/v1/{SLUG}"),
+]
+
+
+@pytest.mark.parametrize("method, path", API_CALLS)
+@pytest.mark.parametrize("key", ["", "wrong-key"], ids=["missing", "wrong"])
+def test_401_for_missing_and_wrong_key_on_every_api_endpoint(api, done_job, image, method, path, key):
+    before = len(api.stats()["jobs"])
+    url = path.format(rid=done_job["request_id"])
+    if method == "POST":
+        r = post(api, {"image": image, "voice_script": "Hi.", "seed": 1}, key=key, path=url)
+    else:
+        r = get(api, url, key=key)
+    assert r.status_code == 401, r.text
+    assert "api key" in r.json()["error"].lower()
+    assert key == "" or key not in r.text
+    assert len(api.stats()["jobs"]) == before
+
+
+@pytest.mark.parametrize("path", ["/v2/requests/{rid}/status", "/v2/requests/{rid}",
+                                  "/inference-request/request-history/{rid}", "/files/{rid}.mp4"])
+def test_404_for_unknown_ids(api, path):
+    rid = str(uuid.uuid4())
+    r = get(api, path.format(rid=rid))
+    assert r.status_code == 404
+    assert rid in r.json()["error"]
+
+
+def test_output_file_needs_no_key_but_the_result_does(api, done_job):
+    res = get(api, f"/v2/requests/{done_job['request_id']}").json()
+    assert httpx.get(res["output"], timeout=30).status_code == 200
+    assert get(api, f"/v2/requests/{done_job['request_id']}", key="").status_code == 401
+
+
+def test_retention_expiry_404s_status_and_result_but_history_keeps_the_row(tmp_path, image):
+    server = start_local_api(tmp_path / "retention", "--retention", "1")
+    try:
+        rid = submit(server, {"image": image, "voice_script": "Short lived.", "seed": seed()})
+        assert get(server, f"/v2/requests/{rid}/status").status_code == 200
+        deadline = time.time() + 60
+        while get(server, f"/inference-request/request-history/{rid}").json()["model_status"] == "PENDING":
+            assert time.time() < deadline
+            time.sleep(0.25)
+        while time.time() - server.stats()["jobs"][rid]["created_at"] <= 1.1:
+            time.sleep(0.1)
+        for path in (f"/v2/requests/{rid}/status", f"/v2/requests/{rid}"):
+            r = get(server, path)
+            assert r.status_code == 404 and "not found or expired" in r.json()["error"]
+        row = get(server, f"/inference-request/request-history/{rid}")
+        assert row.status_code == 200
+        assert row.json()["request_id"] == rid and row.json()["model_status"] == "COMPLETED"
+        listed = get(server, "/inference-request/request-history").json()["data"]
+        assert rid in {x["request_id"] for x in listed}
+        # the output file outlives the record
+        assert httpx.get(row.json()["generation_url"], timeout=30).status_code == 200
+    finally:
+        stop_local_api(server)
+
+
+# ---- bad bodies ---------------------------------------------------------------------------------
+def _bad_bodies(image):
+    return [
+        ("voice", {"image": image, "voice": "Nobody (Male)"}, ["voice='Nobody (Male)'"]),
+        ("seed", {"image": image, "seed": 10**15}, ["seed=1000000000000000", "out of range"]),
+        ("strength_negative_prompt", {"image": image, "strength_negative_prompt": 5},
+         ["strength_negative_prompt=5", "out of range"]),
+        ("image", {"voice_script": "Hi."}, ["image is required"]),
+        ("colour", {"image": image, "colour": "red"}, ["colour is not a parameter"]),
+        ("image", {"image": "portrait.jpg"}, ["image='portrait.jpg'", "not a media reference"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["voice", "seed", "strength", "missing-image",
+                                               "unknown-field", "image-not-url"])
+def test_bad_body_is_400_naming_field_and_value_and_queues_nothing(api, image, case):
+    field, body, needles = _bad_bodies(image)[case]
+    before = api.stats()["jobs"]
+    r = post(api, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert field in err and field in r.json()["fields"]
+    for n in needles:
+        assert n in err, (n, err)
+    assert api.stats()["jobs"] == before
+
+
+@pytest.mark.parametrize("content, message", [(b"{not json", "not valid JSON"),
+                                              (b'[{"image": "https://x/y.jpg"}]', "must be a JSON object")])
+def test_non_json_and_json_array_are_400(api, content, message):
+    before = api.stats()["jobs"]
+    r = httpx.post(f"{api.base_url}/v2/{SLUG}", content=content,
+                   headers={**api.headers, "content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    assert message in r.json()["error"] and r.json()["fields"] == ["body"]
+    assert api.stats()["jobs"] == before
+
+
+# ---- FAILED jobs --------------------------------------------------------------------------------
+def test_failed_job_is_422_with_error_on_status_and_result(api, image):
+    api.set_faults({"fail_rate": 1.0})
+    rid = submit(api, {"image": image, "voice_script": "Fails.", "seed": seed()})
+    st = finish(api, rid)
+    assert st.status_code == 422
+    assert st.json() == {"request_id": rid, "status": "FAILED", "error": "local: injected failure"}
+    res = get(api, f"/v2/requests/{rid}")
+    assert res.status_code == 422 and res.json()["error"] == "local: injected failure"
+    row = get(api, f"/inference-request/request-history/{rid}").json()
+    assert row["model_status"] == "FAILED" and row["generation_url"] is None
+    assert row["error"] == "local: injected failure"
+    assert httpx.get(f"{api.base_url}/files/{rid}.mp4", timeout=30).status_code == 404
+
+
+def test_image_url_that_404s_ends_failed_with_a_clear_error(api):
+    url = f"{api.base_url}/files/{uuid.uuid4()}.jpg"  # loopback, answers 404
+    rid = submit(api, {"image": url, "voice_script": "Hi.", "seed": seed()})
+    st = finish(api, rid)
+    assert st.status_code == 422
+    err = st.json()["error"]
+    assert "image" in err and "404" in err and "not found" in err, err
+
+
+def test_image_without_a_face_ends_failed_no_face(api, blank_image):
+    rid = submit(api, {"image": blank_image, "voice_script": "Hi.", "seed": seed()})
+    st = finish(api, rid)
+    assert st.status_code == 422 and "no face" in st.json()["error"]
+    assert get(api, f"/v2/requests/{rid}").status_code == 422
+
+
+def test_safety_filter_blocks_a_blocklisted_word_only_when_enabled(api, image):
+    script = "I will kill it."
+    rid = submit(api, {"image": image, "voice_script": script, "disable_safety_filter": False, "seed": seed()})
+    st = finish(api, rid)
+    assert st.status_code == 422
+    err = st.json()["error"]
+    assert "content blocked" in err and "kill" not in err.lower().replace("skill", "")
+    # the default (filter disabled, as on the vendor's side) renders the same words
+    ok = submit(api, {"image": image, "voice_script": script, "seed": seed()})
+    assert finish(api, ok).json()["status"] == "COMPLETED"
+
+
+# ---- rate limit ---------------------------------------------------------------------------------
+def test_rate_limit_fourth_request_in_a_minute_is_429_with_both_headers(tmp_path):
+    server = start_local_api(tmp_path / "rl", "--rate-limit", "3")
+    try:
+        codes = [get(server, f"/v2/requests/{uuid.uuid4()}/status").status_code for _ in range(3)]
+        assert codes == [404, 404, 404]
+        r = get(server, "/inference-request/request-history")
+        assert r.status_code == 429 and "rate limit" in r.json()["error"]
+        retry_after = float(r.headers["Retry-After"])
+        assert 1 <= retry_after <= 61
+        reset = datetime.fromisoformat(r.headers["x-rate-limit-reset-at-utc"].replace("Z", "+00:00"))
+        ahead = (reset - datetime.now(timezone.utc)).total_seconds()
+        assert 0 < ahead <= 61
+        assert abs(ahead - retry_after) <= 2
+        # a wrong key is refused before it spends the window; the output files are not limited
+        assert get(server, "/inference-request/request-history", key="nope").status_code == 401
+        assert server.stats()["by_endpoint_code"].get("history:429") == 1
+    finally:
+        stop_local_api(server)
+
+
+# ---- injected faults ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["429", "500", "502", "504"])
+def test_injected_status_codes_on_status(api, done_job, kind):
+    api.set_faults({"status": {kind: 1.0}, "retry_after": 2})
+    r = get(api, f"/v2/requests/{done_job['request_id']}/status")
+    assert r.status_code == int(kind)
+    if kind == "429":
+        assert r.headers["Retry-After"] == "2" and "x-rate-limit-reset-at-utc" in r.headers
+    else:
+        assert r.json()["error"] == f"local: injected HTTP {kind}"
+    # other endpoints are untouched
+    assert get(api, f"/v2/requests/{done_job['request_id']}").status_code == 200
+    assert api.stats()["by_endpoint_code"][f"status:{kind}"] == 1
+
+
+def test_injected_drop_on_status_cuts_the_connection(api, done_job):
+    api.set_faults({"status": {"drop": 1.0}, "count": 1})
+    with pytest.raises(httpx.TransportError):  # RemoteProtocolError: incomplete body
+        get(api, f"/v2/requests/{done_job['request_id']}/status")
+    assert api.alive()
+    assert get(api, f"/v2/requests/{done_job['request_id']}/status").status_code == 200
+
+
+def test_count_limits_faults_to_n(api, done_job):
+    api.set_faults({"status": {"500": 1.0}, "count": 2})
+    codes = [get(api, f"/v2/requests/{done_job['request_id']}/status").status_code for _ in range(4)]
+    assert codes == [500, 500, 200, 200]
+    assert api.stats()["faults"]["count"] == 0
+
+
+def test_submit_drop_after_accept_creates_the_job_but_the_answer_is_lost(api, image):
+    api.set_faults({"submit_drop_after_accept": 1.0, "count": 1})
+    before = set(api.stats()["jobs"])
+    s = seed()
+    with pytest.raises(httpx.TransportError):
+        post(api, {"image": image, "voice_script": "Lost answer.", "seed": s})
+    new = set(api.stats()["jobs"]) - before
+    assert len(new) == 1
+    rid = new.pop()
+    assert get(api, f"/inference-request/request-history/{rid}").json()["request_body"]["seed"] == s
+    assert api.stats()["requests"]["submit"] == 1
+
+
+def test_submit_delay_holds_the_answer_but_queues_at_once(api, image):
+    api.set_faults({"submit_delay": 1.0})
+    before = set(api.stats()["jobs"])
+    t0 = time.monotonic()
+    r = post(api, {"image": image, "voice_script": "Late answer.", "seed": seed()})
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200 and elapsed >= 1.0
+    rid = r.json()["request_id"]
+    assert set(api.stats()["jobs"]) - before == {rid}
+    assert api.stats()["jobs"][rid]["created_at"] <= time.time() - 0.9
+
+
+def test_faults_endpoint_rejects_unknown_kinds(api):
+    r = httpx.post(f"{api.base_url}/_local/faults", json={"status": {"418": 1.0}}, timeout=10)
+    assert r.status_code == 400 and "status.418" in r.json()["error"]
+
+
+# ---- history ------------------------------------------------------------------------------------
+def _ids(api, **params) -> set[str]:
+    r = get(api, "/inference-request/request-history", per_page=100, **params)
+    assert r.status_code == 200, r.text
+    return {row["request_id"] for row in r.json()["data"]}
+
+
+def test_history_by_id(api, done_job, image):
+    rid = done_job["request_id"]
+    row = get(api, f"/inference-request/request-history/{rid}").json()
+    assert row["request_id"] == rid and row["model_name"] == SLUG and row["model_status"] == "COMPLETED"
+    assert row["request_body"]["voice_script"] == done_job["script"]
+    assert row["request_body"]["image"] == image
+    assert row["generation_url"] == f"{api.base_url}/files/{rid}.mp4"
+    assert row["latency_ms"] > 0 and row["error"] is None
+    assert datetime.fromisoformat(row["created_at"]) <= datetime.fromisoformat(row["updated_at"])
+
+
+def test_history_list_filters(api, done_job, image):
+    rid = done_job["request_id"]
+    api.set_faults({"fail_rate": 1.0})
+    failed = submit(api, {"image": image, "voice_script": "Fails.", "seed": seed()})
+    assert finish(api, failed).status_code == 422
+    api.set_faults({})
+    pending = submit(api, {"image": image, "voice_script": "Still going.", "seed": seed()})
+    assert {"data", "page", "per_page", "total"} <= set(get(api, "/inference-request/request-history").json())
+    assert pending in _ids(api, status="PENDING")
+    assert rid in _ids(api, model_name="p-video")
+    assert not _ids(api, model_name="no-such-model")
+    completed = _ids(api, status="COMPLETED")
+    assert rid in completed and failed not in completed and pending not in completed
+    failed_ids = _ids(api, status="failed")
+    assert failed in failed_ids and rid not in failed_ids
+    today = datetime.now(timezone.utc).date()
+    assert rid in _ids(api, from_date=today.isoformat(), to_date=today.isoformat())
+    assert not _ids(api, to_date=(today - timedelta(days=1)).isoformat())
+    assert not _ids(api, from_date=(today + timedelta(days=1)).isoformat())
+    page = get(api, "/inference-request/request-history", per_page=1, page=1).json()
+    assert len(page["data"]) == 1 and page["total"] >= 3
+    asc = get(api, "/inference-request/request-history", per_page=100, sort_order="asc").json()["data"]
+    assert [r["created_at"] for r in asc] == sorted(r["created_at"] for r in asc)
+    finish(api, pending)
+
+
+@pytest.mark.parametrize("params, field", [({"per_page": 0}, "per_page"), ({"per_page": 101}, "per_page"),
+                                           ({"status": "DONE"}, "status"), ({"from_date": "yesterday"}, "from_date"),
+                                           ({"to_date": "2024-13-01"}, "to_date"), ({"page": 0}, "page"),
+                                           ({"page": -1}, "page")])
+def test_history_list_bad_params_are_400(api, params, field):
+    r = get(api, "/inference-request/request-history", **params)
+    assert r.status_code == 400
+    assert r.json()["fields"] == [field] and field in r.json()["error"]
+
+
+# ---- sync ---------------------------------------------------------------------------------------
+def test_sync_returns_a_playable_mp4(api, image, tmp_path):
+    script = "Synchronous."
+    r = post(api, {"image": image, "voice_script": script, "seed": seed()}, path=f"/v1/{SLUG}")
+    assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+    rid = r.headers["x-request-id"]
+    probe = media.probe_video(r.content)
+    assert probe.has_video and probe.has_audio and (probe.width, probe.height) == (1280, 720)
+    speech = synthesize(script, contract.DEFAULT_VOICE, contract.DEFAULT_VOICE_LANGUAGE).duration_s
+    assert abs(probe.duration_s - speech) <= 0.2
+    assert get(api, f"/v2/requests/{rid}/status").json()["status"] == "COMPLETED"
+    bad = post(api, {"image": image, "voice": "Nobody"}, path=f"/v1/{SLUG}")
+    assert bad.status_code == 400 and "voice='Nobody'" in bad.json()["error"]
+
+
+def test_sync_failed_job_is_422(api, blank_image):
+    r = post(api, {"image": blank_image, "voice_script": "Hi.", "seed": seed()}, path=f"/v1/{SLUG}")
+    assert r.status_code == 422 and r.json()["status"] == "FAILED" and "no face" in r.json()["error"]
+
+
+# ---- loopback only ------------------------------------------------------------------------------
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "example.com", ""])
+def test_check_loopback_refuses_non_loopback(host):
+    with pytest.raises(ValueError, match="not a loopback address"):
+        check_loopback(host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "localhost"])
+def test_check_loopback_accepts_loopback(host):
+    check_loopback(host)
+
+
+def test_cli_serve_on_0000_exits_non_zero_with_a_message(tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "0.0.0.0", "--port", "1",
+         "--data-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "AVATARFLOW_LOCAL_API_KEY": "k"},
+    )
+    assert p.returncode != 0
+    assert "0.0.0.0" in p.stderr and "not a loopback address" in p.stderr
