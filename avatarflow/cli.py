@@ -31,6 +31,7 @@ def _local_app() -> typer.Typer:
 
 local_app = _local_app()
 app.add_typer(local_app, name="local", help="Local services: the p-video-avatar API and S3 on loopback.")
+importlib.import_module("avatarflow.ops_cli").register(app, local_app)
 
 
 def load_flow(name: str) -> Any:
@@ -247,77 +248,6 @@ def blocks_register(
     register = importlib.import_module("blocks.register").register_blocks
     for name in register(api_settings(backend), archive_settings(), prefix=prefix):
         typer.echo(f"saved block {name}")
-
-
-@app.command()
-def deploy(
-    rate_limit: int = typer.Option(50, help="The account's API requests per minute (vendor pro plan: 50)."),
-    backend: Optional[str] = typer.Option(None, help="Backend whose credentials the blocks hold."),
-) -> None:
-    """Register the blocks, the rate limit (global concurrency limit `avatarflow-api` with slot
-    decay), the process work pool and every deployment of deployments/prefect.yaml, on the
-    server of PREFECT_API_URL (or the local one of `avatarflow local up --with-prefect`)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from avatarflow import ops
-    from avatarflow.settings import api_settings, archive_settings
-
-    url = _safe(ops.api_url)
-    with temporary_settings({PREFECT_API_URL: url}):
-        register = importlib.import_module("blocks.register").register_blocks
-        for name in register(api_settings(backend), archive_settings()):
-            typer.echo(f"block {name}")
-    limit = ops.ensure_rate_limit(url, rate_limit)
-    typer.echo(f"rate limit {limit['name']}: {limit['limit']} slots, decay {limit['slot_decay_per_second']:.3f}/s")
-    ops.ensure_work_pool(url)
-    typer.echo(f"work pool {ops.WORK_POOL}")
-    out = ops.deploy_all(url)
-    for line in out.splitlines():
-        if "successfully created" in line or "Deployment '" in line:
-            typer.echo(line.strip(" │"))
-    typer.echo(f"start a worker: PREFECT_API_URL={url} prefect worker start --pool {ops.WORK_POOL}")
-
-
-@app.command()
-def emit(
-    event: str = typer.Argument(..., help="portrait-uploaded"),
-    s3_uri: str = typer.Argument(..., help="The portrait's s3:// URI."),
-    voice_script: str = typer.Option(contract.DEFAULT_VOICE_SCRIPT, help="What the avatar says."),
-) -> None:
-    """Emit an event to the Prefect server (the on-portrait-uploaded deployment listens)."""
-    from avatarflow import ops
-
-    if event != "portrait-uploaded":
-        raise typer.BadParameter(f"event={event!r} is not known; allowed: portrait-uploaded")
-    sent = _safe(lambda: ops.emit_portrait_uploaded(ops.api_url(), s3_uri, {"voice_script": voice_script}))
-    typer.echo(f"emitted {sent['event']} for {s3_uri} (id {sent['id']})")
-
-
-@app.command()
-def batch(
-    calendar: str = typer.Argument(..., help="CSV or JSONL: a local path, URL or s3:// URI."),
-    today: Optional[str] = typer.Option(None, help="The day whose rows to make (YYYY-MM-DD; default today UTC)."),
-    all_rows: bool = typer.Option(False, "--all-rows", help="Every row, whatever its publish_date."),
-    budget: Optional[float] = typer.Option(None, help="USD: stop submitting before a job would pass it."),
-    rate_limit: Optional[str] = typer.Option(None, help="Name of a Prefect global concurrency limit to hold."),
-    backend: Optional[str] = typer.Option(None),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Make a content calendar's rows (each a child run of avatar_video), print the manifest."""
-    from datetime import date
-
-    day = date.fromisoformat(today) if today else None
-    flow = load_flow("avatar_batch")
-    out = _safe(lambda: asyncio.run(flow(calendar=calendar, today=day, all_rows=all_rows, budget=budget,
-                                         rate_limit=rate_limit, backend=backend)))
-    if as_json:
-        typer.echo(json.dumps(out, indent=2, default=str))
-        return
-    for e in out["entries"]:
-        typer.echo(f"line {e['line']:>4}  {e['status']:9}  {e['s3_uri'] or e['error'] or ''}")
-    typer.echo(f"{out['completed']} completed, {out['failed']} failed, {out['invalid']} invalid, "
-               f"{out['skipped']} skipped; spent ${out['spent']:.3f}")
-    typer.echo(f"manifest: {out['manifest_csv']}  {out['manifest_json']}")
 
 
 def main() -> None:  # pragma: no cover

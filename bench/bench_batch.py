@@ -1,7 +1,7 @@
 """A batch of many rows against the local API under a Prefect global concurrency limit with
 slot decay: wall time, outcome, and the request rate the server counted against the limit.
 
-    .venv/bin/python -m bench.bench_batch [--rows 200] [--per-minute 300]
+    .venv/bin/python -m bench.bench_batch [--rows 200] [--per-minute 300] [--max-concurrency 16]
 """
 
 from __future__ import annotations
@@ -26,24 +26,14 @@ def max_per_window(times: list[float], window: float = 60.0) -> int:
     return max((bisect.bisect_right(times, t + window) - i for i, t in enumerate(times)), default=0)
 
 
-async def ensure_limit(name: str, per_minute: int) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    async with get_client() as client:
-        try:
-            await client.delete_global_concurrency_limit_by_name(name)
-        except Exception:
-            pass
-        await client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=name, limit=per_minute, slot_decay_per_second=per_minute / 60.0)
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--per-minute", type=int, default=300)
+    ap.add_argument("--burst", type=int, default=None, help="slots at once (default: a fifth of --per-minute)")
+    ap.add_argument("--max-concurrency", type=int, default=16)
+    ap.add_argument("--expected-seconds", type=float, default=20.0,
+                    help="per row: shapes polling; the deadline is 10x (the local queue grows under load)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     os.environ["AVATARFLOW_HOME"] = str(home)
@@ -56,18 +46,20 @@ def main() -> None:
         w = csv.writer(f)
         w.writerow(["image", "voice_script", "seed", "expected_seconds"])
         for i in range(args.rows):
-            w.writerow([str(ASSET), f"Row {i}.", 10_000 + i, 3])
+            w.writerow([str(ASSET), f"Row {i}.", 10_000 + i, args.expected_seconds])
     from avatarflow.local.prefect_server import start_prefect, stop_prefect
 
     svcs = services.up()
     os.environ["PREFECT_API_URL"] = start_prefect().api_url
     name = "bench-api-rate"
     try:
-        asyncio.run(ensure_limit(name, args.per_minute))
+        from avatarflow.ops_cli import ensure_rate_limit
         from flows.avatar_batch import avatar_batch
 
+        limit = asyncio.run(ensure_rate_limit(args.per_minute, args.burst, name=name))
         t = time.perf_counter()
-        out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local"))
+        out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local",
+                                       max_concurrency=args.max_concurrency))
         wall = time.perf_counter() - t
         stats = httpx.get(f"{svcs.api.base_url}/_local/stats", timeout=30).json()
     finally:
@@ -76,16 +68,21 @@ def main() -> None:
     api_requests = sum(stats["requests"].get(e, 0) for e in API_ENDPOINTS)
     times = stats["api_request_times"]
     print(f"rows {out['rows']}: {out['completed']} completed, {out['failed']} failed, "
-          f"{out['invalid']} invalid, {out['skipped']} skipped in {wall:.0f} s; spent ${out['spent']:.2f}")
+          f"{out['skipped']} skipped in {wall:.0f} s; spent ${out['spent']:.2f}")
     counts = ", ".join(f"{e} {stats['requests'].get(e, 0)}" for e in API_ENDPOINTS)
     print(f"API requests {api_requests} ({counts}); "
           f"output downloads {stats['requests'].get('files', 0)}")
-    print(f"limit {args.per_minute}/min (slot decay {args.per_minute / 60:.2f}/s); "
+    print(f"limit {args.per_minute}/min in any 60 s (global concurrency limit {limit['limit']} slots, "
+          f"slot decay {limit['slot_decay_per_second']:.2f}/s); "
           f"max API requests in any 60 s window (server clock): {max_per_window(times)}")
     reasons = sorted({e["error"] for e in out["entries"] if e["status"] == "failed"})
     for reason in reasons:
         print(f"failed row: {reason[:200]}")
-    print(f"manifest: {out['manifest_csv']} and {out['manifest_json']}; rows in it: {len(out['entries'])}")
+    print(f"manifest: {out['manifest_csv']} and {out['manifest_json']}; rows in it: {len(out['entries'])}, "
+          f"each with a status: {all(e['status'] for e in out['entries'])}, completed ones with an S3 URI and "
+          f"request id: {all(e['s3_uri'] and e['request_id'] for e in out['entries'] if e['status'] == 'completed')}")
+    if out["failed"]:
+        print("first errors:", [e["error"] for e in out["entries"] if e["status"] == "failed"][:3])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ all at once under the account's request rate and a budget; a manifest of every r
 Order of work: read and validate every row (a bad row is recorded as failed, with its line and
 field, before anything is submitted); decide the budget (the first job whose estimate would pass
 it, and every later one, is `skipped`); then fan out the rest as child runs of avatar_video
-(asyncio; `return_state=True`, so a row that fails fails that row only). Every API request of
+(asyncio; a row that fails fails that row only, recorded with the child's error; each child
+run is named `<batch run name>-line-<n>`). Every API request of
 every child takes a slot of the `rate_limit` global concurrency limit (slot decay) first: the
 account's requests per minute, held across all workers. At the end: a table artifact, and the
 manifest as CSV and JSON beside the videos (`batches/<flow run id>/manifest.csv|json`)."""
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import re
 import time
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -35,13 +37,10 @@ from flows.avatar_video import avatar_video, resolve
 
 MANIFEST_COLUMNS = (
     "line", "image", "publish_date", "status", "s3_uri", "request_id", "seed", "cache_hit",
-    "estimated_cost", "cost", "flow_run_id", "error",
+    "estimated_cost", "cost", "run_name", "error",
 )
 STATUSES = ("completed", "failed", "skipped")
 DEFAULT_RATE_LIMIT = "avatarflow-api"
-CHILD_ATTEMPTS = 2
-# Errors about the row itself: another attempt would fail the same way (or pay again).
-FINAL_ERRORS = (JobFailed, JobExpired, MediaError, ContractError, TemplateError, SubmitUnresolved)
 PROGRESS_EVERY_S = 2.0
 
 
@@ -53,27 +52,24 @@ def _entry(row: Row, status: str, **kw: Any) -> dict[str, Any]:
             "status": status, "error": row.error, **kw}
 
 
-def _error_of(result: Any, state: Any) -> str:
-    if isinstance(result, BaseException):
-        return f"{type(result).__name__}: {result}"
-    return f"{state.name}: {state.message or 'no message'}"
+async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any],
+                run_name: str) -> dict[str, Any]:
+    """One row as a child run of avatar_video; its failure is this row's, never the batch's.
 
-
-async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any]) -> dict[str, Any]:
-    """One row as a child run of avatar_video; its failure is this row's, never the batch's."""
+    The child is awaited for its return value, not with `return_state=True`: avatar_video keeps
+    no persisted result, and under load the state Prefect hands back can come from the API
+    without its data (MissingResult for a run that completed). The return value is kept in
+    memory by the engine; a failed child raises, and is recorded here."""
+    child = avatar_video.with_options(flow_run_name=run_name)
     async with slots:
         try:
-            state = await avatar_video(request=row.request, return_state=True, **opts)
-        except Exception as e:  # a child run that could not even start
-            return _entry(row, "failed", estimated_cost=estimate, error=f"{type(e).__name__}: {e}")
-    child = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
-    if not state.is_completed():
-        result = await state.aresult(raise_on_failure=False)
-        return _entry(row, "failed", estimated_cost=estimate, flow_run_id=child, error=_error_of(result, state))
-    out = await state.aresult()
+            out = await child(request=row.request, **opts)
+        except Exception as e:  # the child run failed (or could not start): this row only
+            return _entry(row, "failed", estimated_cost=estimate, run_name=run_name,
+                          error=f"{type(e).__name__}: {e}")
     cost = 0.0 if out.get("cache_hit") else out.get("cost")
     return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
-                  cache_hit=out["cache_hit"], estimated_cost=estimate, cost=cost, flow_run_id=child)
+                  cache_hit=out["cache_hit"], estimated_cost=estimate, cost=cost, run_name=run_name)
 
 
 def manifest_csv(entries: list[dict[str, Any]]) -> str:
@@ -102,7 +98,14 @@ class _Progress:
             self.logger.warning("progress artifact not updated: %s", e)
 
 
-@flow(name="avatar_batch", flow_run_name="avatar-batch-{calendar}", persist_result=False)
+def _run_name() -> str:
+    """avatar-batch-<calendar file stem>; child runs: <that>-<run id prefix>-line-<n>."""
+    calendar = str((flow_run.parameters or {}).get("calendar", "calendar"))
+    stem = Path(calendar.rstrip("/")).stem or "calendar"
+    return "avatar-batch-" + re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-")[:40]
+
+
+@flow(name="avatar_batch", flow_run_name=_run_name, persist_result=False)
 async def avatar_batch(
     calendar: str,
     today: date | None = None,
@@ -158,8 +161,10 @@ async def avatar_batch(
     opts = {"credentials_block": credentials_block, "archive_block": archive_block, "backend": backend,
             "rate_limit": rate_limit}
 
+    batch_name = f"{flow_run.name or 'avatar-batch'}-{str(flow_run.id or 'local')[:8]}"
+
     async def one(row: Row, estimate: float) -> dict[str, Any]:
-        entry = await _make(row, estimate, slots, opts)
+        entry = await _make(row, estimate, slots, opts, f"{batch_name}-line-{row.line}")
         progress.done += 1
         await progress.step()
         return entry

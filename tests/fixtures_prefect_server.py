@@ -1,6 +1,13 @@
-"""A real `prefect server start` on loopback for the deployment tests (its own home and SQLite
-database), and a process worker serving the avatarflow work pool, with the pipeline's
-environment pointed at the test API and S3."""
+"""A REAL `prefect server start` on a free loopback port (its own PREFECT_HOME and SQLite
+database, stopped at the end of the session), the deployments of prefect.yaml on it, and a
+process worker serving the avatarflow work pool with the pipeline's environment (the test API
+as the vendor, the test S3 as the archive).
+
+Fixtures:
+  prefect_server  (session) PrefectServer: api_url, ui_url
+  deployed        (session) after `avatarflow deploy` (python -m avatarflow.ops_cli deploy) and
+                  with a worker running: {"env", "deploy_output", "worker_log", "prefix"}
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fixtures_prefect import pipeline_variables
 
 ROOT = Path(__file__).resolve().parent.parent
+WORK_POOL = "avatarflow-process"
+# The tests' rate limit: high enough not to slow them, low enough to be a real limit.
+TEST_RATE_PER_MINUTE = 600
 
 
 @pytest.fixture(scope="session")
@@ -23,46 +35,69 @@ def prefect_server(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-server-home")
     saved = os.environ.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")
-    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"
+    os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "2"  # cron runs appear within seconds
     try:
         server = start_prefect(home, timeout=120)
     finally:
         if saved is None:
             os.environ.pop("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")
+        else:
+            os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = saved
     yield server
     stop_prefect(home)
 
 
 def pipeline_environment(local_api, s3_settings, prefix: str, api_url: str, home: Path) -> dict[str, str]:
+    """What a worker (and the flow runs it starts) sees: the pipeline's variables, the server."""
     return {
         **os.environ,
         **pipeline_variables(local_api, s3_settings, prefix),
         "PREFECT_API_URL": api_url,
         "PREFECT_HOME": str(home),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
     }
 
 
-@pytest.fixture(scope="session")
-def deployed(prefect_server, local_api, s3_settings, tmp_path_factory):
-    """`avatarflow deploy` against the server, then a process worker; yields the environment."""
-    home = tmp_path_factory.mktemp("prefect-client-home")
-    env = pipeline_environment(local_api, s3_settings, "deployments", prefect_server.api_url, home)
-    cli = str(Path(sys.executable).with_name("avatarflow"))
-    done = subprocess.run([cli, "deploy", "--rate-limit", "600"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    log = open(home / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", "avatarflow-process"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    yield {"env": env, "deploy_output": done.stdout, "worker_log": home / "worker.log"}
+def _stop_worker(worker: subprocess.Popen) -> None:
+    """SIGINT twice (a worker sometimes ignores the first signal), then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
         if worker.poll() is not None:
-            break
-        os.killpg(worker.pid, sig)
+            return
+        try:
+            os.killpg(worker.pid, sig)
+        except ProcessLookupError:
+            return
         try:
             worker.wait(10)
         except subprocess.TimeoutExpired:
             pass
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server, local_api, s3_settings, tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-client-home")
+    prefix = f"deployments-{os.getpid()}"
+    env = pipeline_environment(local_api, s3_settings, prefix, prefect_server.api_url, home)
+    done = subprocess.run(
+        [sys.executable, "-m", "avatarflow.ops_cli", "deploy", "--rate-limit", str(TEST_RATE_PER_MINUTE)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    log_path = home / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 60  # the worker has registered with its pool
+        while time.time() < deadline:
+            r = httpx.post(f"{prefect_server.api_url}/work_pools/{WORK_POOL}/workers/filter", json={}, timeout=10)
+            if r.status_code == 200 and r.json():
+                break
+            assert worker.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"env": env, "deploy_output": done.stdout, "worker_log": log_path, "prefix": prefix}
+    finally:
+        _stop_worker(worker)

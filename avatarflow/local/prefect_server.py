@@ -55,8 +55,9 @@ def _state(home: Path) -> PrefectServer | None:
 def prefect_env(home: Path, port: int) -> dict[str, str]:
     """The server's own Prefect home and database, apart from the user's; the UI told where
     its API is (else it looks on the default port)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")}
     return {
-        **os.environ,
+        **env,
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": LOOPBACK,
@@ -85,12 +86,15 @@ def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | Non
         return server
 
 
-def stop_prefect(home: str | os.PathLike[str] | None = None) -> None:
+def stop_prefect(home: str | os.PathLike[str] | None = None) -> bool:
+    """Stop the server (its whole process group); True if one was running."""
     home_path = resolve_home(home)
     current = _state(home_path)
+    stopped = False
     if current and current.pid:
-        _stop_group(current.pid, MARKER)
+        stopped = _stop_group(current.pid, MARKER)
         (home_path / STATE_FILE).write_text(json.dumps({"api_url": current.api_url, "pid": None}))
+    return stopped
 
 
 def prefect_status(home: str | os.PathLike[str] | None = None) -> tuple[PrefectServer | None, bool]:
