@@ -27,7 +27,7 @@ def max_per_window(times: list[float], window: float = 60.0) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description="200 rows through avatar_batch under a rate limit")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--per-minute", type=int, default=300)
     ap.add_argument("--burst", type=int, default=None, help="slots at once (default: a fifth of --per-minute)")
@@ -62,6 +62,11 @@ def main() -> None:
                                        max_concurrency=args.max_concurrency))
         wall = time.perf_counter() - t
         stats = httpx.get(f"{svcs.api.base_url}/_local/stats", timeout=30).json()
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):  # Prefect's senders, while their server answers
+            worker.drain_all(timeout=10)
     finally:
         stop_prefect()
         services.down()

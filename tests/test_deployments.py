@@ -17,14 +17,24 @@ from tests.fixtures_prefect_server import ROOT, deployed, prefect_server  # noqa
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+def _call(method: str, url: str, **kw) -> httpx.Response:
+    """One API call; a 503 (the SQLite server busy: it says so and means "again") is retried."""
+    for attempt in range(6):
+        r = httpx.request(method, url, timeout=30, **kw)
+        if r.status_code != 503:
+            return r
+        time.sleep(1 + attempt)
+    return r
+
+
 def _deployment(url: str, name: str) -> dict:
-    r = httpx.get(f"{url}/deployments/name/{name}", timeout=30)
+    r = _call("GET", f"{url}/deployments/name/{name}")
     assert r.status_code == 200, f"{name}: {r.status_code} {r.text[:500]}"
     return r.json()
 
 
 def _run(url: str, deployment: dict, parameters: dict) -> dict:
-    r = httpx.post(f"{url}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+    r = _call("POST", f"{url}/deployments/{deployment['id']}/create_flow_run", json={"parameters": parameters})
     assert r.status_code == 201, f"{r.status_code} {r.text[:1000]}"
     return r.json()
 
@@ -33,7 +43,11 @@ def _wait_run(url: str, run_id: str, log, timeout: float = 240) -> dict:
     deadline = time.time() + timeout
     run = {}
     while time.time() < deadline:
-        run = httpx.get(f"{url}/flow_runs/{run_id}", timeout=30).json()
+        r = _call("GET", f"{url}/flow_runs/{run_id}")
+        if r.status_code != 200:
+            time.sleep(1)
+            continue
+        run = r.json()
         if run["state_type"] in FINAL:
             assert run["state_type"] == "COMPLETED", f"{run['state']}\n{log.read_text()[-4000:]}"
             return run
@@ -44,13 +58,12 @@ def _wait_run(url: str, run_id: str, log, timeout: float = 240) -> dict:
 
 def _runs_of(url: str, deployment_id: str) -> list[dict]:
     body = {"deployments": {"id": {"any_": [deployment_id]}}, "limit": 50}
-    return httpx.post(f"{url}/flow_runs/filter", json=body, timeout=30).json()
+    return _call("POST", f"{url}/flow_runs/filter", json=body).json()
 
 
 def _artifacts(url: str, run_id: str) -> dict[str, dict]:
     """A run's artifacts by key (a link artifact is stored as markdown)."""
-    arts = httpx.post(f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}},
-                      timeout=30).json()
+    arts = _call("POST", f"{url}/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}}).json()
     return {a["key"] or a["id"]: a for a in arts}
 
 
@@ -60,7 +73,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     url, log = prefect_server.api_url, deployed["worker_log"]
     out = deployed["deploy_output"]
     assert "rate limit  avatarflow-api: 600/min" in out and "work pool   avatarflow-process" in out, out
-    gcl = httpx.get(f"{url}/v2/concurrency_limits/avatarflow-api", timeout=30).json()
+    gcl = _call("GET", f"{url}/v2/concurrency_limits/avatarflow-api").json()
     assert gcl["limit"] + 60 * gcl["slot_decay_per_second"] == 600
     on_demand = _deployment(url, "avatar_video/on-demand")
     batch = _deployment(url, "avatar_batch/content-calendar")
@@ -123,7 +136,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     manifest_key = f"{deployed['prefix']}/batches/{b['id']}/manifest.json"
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key=manifest_key)["Body"].read())
     assert manifest["completed"] == 1 and manifest["rows"][0]["s3_uri"].startswith(f"s3://{s3_bucket}/")
-    children = httpx.post(f"{url}/flow_runs/filter", timeout=30, json={
+    children = _call("POST", f"{url}/flow_runs/filter", json={
         "flow_runs": {"parent_flow_run_id": {"any_": [b["id"]]}}}).json()
     assert children, "a row is a child run of the batch"
 
