@@ -12,7 +12,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -474,5 +474,5 @@ def download_copy(url: str, dest: Path) -> Path:
 __all__ = [
     "Plan", "Job", "Finished", "Archived", "plan_job", "submit_once", "await_job",
     "archive_output", "from_cache", "download_copy", "resume_request", "VideoResult",
-    "SubmitUnresolved", "JobExpired", "asdict",
+    "SubmitUnresolved", "JobExpired",
 ]
