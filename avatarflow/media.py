@@ -215,6 +215,19 @@ def _mpeg_audio_frames(data: bytes) -> bool:
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
 
+def _sniff_checked(data: bytes, fail: Any, max_bytes: int, formats: Any, noun: str, allowed: str) -> str:
+    """The kind of `data` by its magic bytes, after the empty and size checks; MediaError (from
+    `fail`) when any of them refuses it."""
+    if not data:
+        raise fail("is empty (0 bytes)", allowed)
+    if len(data) > max_bytes:
+        raise fail(f"is too large ({_size(len(data))})", f"at most {_size(max_bytes)}")
+    kind = sniff(data)
+    if kind not in formats:
+        raise fail(f"is not a supported {noun} format (detected: {kind})", allowed)
+    return kind
+
+
 def read_source(ref: str, *, field: str, s3_client: Any = None, max_bytes: int) -> bytes:
     """The bytes behind a media reference, at most ``max_bytes`` of them.
 
@@ -398,13 +411,7 @@ def check_portrait(data: bytes, *, source: str = "image", field: str = "image",
     def fail(problem: str, allowed: str | None = None) -> MediaError:
         return MediaError(field, problem, value=source, allowed=allowed)
 
-    if not data:
-        raise fail("is empty (0 bytes)", IMAGE_ALLOWED)
-    if len(data) > max_bytes:
-        raise fail(f"is too large ({_size(len(data))})", f"at most {_size(max_bytes)}")
-    kind = sniff(data)
-    if kind not in IMAGE_FORMATS:
-        raise fail(f"is not a supported image format (detected: {kind})", IMAGE_ALLOWED)
+    kind = _sniff_checked(data, fail, max_bytes, IMAGE_FORMATS, "image", IMAGE_ALLOWED)
 
     limits = (f"{IMAGE_MIN_SIDE} to {IMAGE_MAX_SIDE} px a side, "
               f"at most {IMAGE_MAX_PIXELS / 1e6:g} megapixels")
@@ -529,13 +536,7 @@ def check_audio(data: bytes, *, source: str = "audio", field: str = "audio",
     def fail(problem: str, allowed: str | None = None) -> MediaError:
         return MediaError(field, problem, value=source, allowed=allowed)
 
-    if not data:
-        raise fail("is empty (0 bytes)", AUDIO_ALLOWED)
-    if len(data) > max_bytes:
-        raise fail(f"is too large ({_size(len(data))})", f"at most {_size(max_bytes)}")
-    kind = sniff(data)
-    if kind not in AUDIO_FORMATS:
-        raise fail(f"is not a supported audio format (detected: {kind})", AUDIO_ALLOWED)
+    kind = _sniff_checked(data, fail, max_bytes, AUDIO_FORMATS, "audio", AUDIO_ALLOWED)
 
     samples = 0
     rate = channels = 0
