@@ -104,25 +104,6 @@ def s3_client(
     )
 
 
-def s3_uri(bucket: str, key: str) -> str:
-    return f"s3://{bucket}/{key}"
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``"s3://bucket/some/key"`` -> ``("bucket", "some/key")``."""
-    parsed = urllib.parse.urlsplit(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    key = parsed.path.lstrip("/")
-    if parsed.query:
-        key += "?" + parsed.query
-    if parsed.fragment:
-        key += "#" + parsed.fragment
-    if not key:
-        raise ValueError(f"s3:// URI without a key: {uri!r}")
-    return parsed.netloc, key
-
-
 def manifest_key(video_key: str) -> str:
     """The manifest beside a video: ``videos/<fp>/video.mp4`` -> ``videos/<fp>/manifest.json``."""
     directory = posixpath.dirname(video_key)
@@ -236,7 +217,7 @@ async def archive_stream(
                 s3.put_object, Bucket=bucket, Key=key, Body=body, ContentType=content_type,
                 Metadata={**meta, SHA256_META: sha256},
             )
-            return StoredObject(bucket, key, size, sha256, resp["ETag"].strip('"'), s3_uri(bucket, key),
+            return StoredObject(bucket, key, size, sha256, resp["ETag"].strip('"'), f"s3://{bucket}/{key}",
                                 content_type, 0)
 
         if buf:
@@ -277,7 +258,7 @@ async def archive_stream(
         etag = str(copy.get("CopyObjectResult", {}).get("ETag", etag)).strip('"') or etag
     except Exception as exc:  # e.g. objects over 5 GiB cannot be copied in one request on AWS
         log.warning("could not add sha256 metadata to s3://%s/%s: %s", bucket, key, exc)
-    return StoredObject(bucket, key, size, sha256, etag, s3_uri(bucket, key), content_type, len(parts))
+    return StoredObject(bucket, key, size, sha256, etag, f"s3://{bucket}/{key}", content_type, len(parts))
 
 
 async def _abort(s3, bucket: str, key: str, upload_id: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -16,6 +17,25 @@ from avatarflow import archive
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 LOCK_POLL_S = 0.2
+
+
+def s3_uri(bucket: str, key: str) -> str:
+    return f"s3://{bucket}/{key}"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``"s3://bucket/some/key"`` -> ``("bucket", "some/key")``."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    key = parsed.path.lstrip("/")
+    if parsed.query:
+        key += "?" + parsed.query
+    if parsed.fragment:
+        key += "#" + parsed.fragment
+    if not key:
+        raise ValueError(f"s3:// URI without a key: {uri!r}")
+    return parsed.netloc, key
 
 
 @dataclass

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from avatarflow import archive
+from avatarflow import archive, store
 from avatarflow.archive import ArchiveError, MiB
 from avatarflow.local import services
 
@@ -252,13 +252,13 @@ def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
 
 
 def test_uri_and_manifest_helpers():
-    assert archive.parse_s3_uri("s3://b/videos/x/video.mp4") == ("b", "videos/x/video.mp4")
+    assert store.parse_s3_uri("s3://b/videos/x/video.mp4") == ("b", "videos/x/video.mp4")
     for bad in ("http://b/k", "s3://b", "s3://b/", "s3:///k"):
         with pytest.raises(ValueError):
-            archive.parse_s3_uri(bad)
+            store.parse_s3_uri(bad)
     assert archive.manifest_key("videos/fp/video.mp4") == "videos/fp/manifest.json"
     assert archive.manifest_key("video.mp4") == "manifest.json"
-    assert archive.s3_uri("b", "k/x") == "s3://b/k/x"
+    assert store.s3_uri("b", "k/x") == "s3://b/k/x"
 
 
 # --------------------------------------------------------------------------------------------
