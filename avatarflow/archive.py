@@ -444,24 +444,58 @@ def get_json(s3, bucket: str, key: str) -> dict | None:
         body.close()
 
 
-def put_json_if_absent(s3, bucket: str, key: str, obj: Any) -> bool:
-    """Create the JSON document at ``key`` only if no object is there (``If-None-Match: *``).
+def _precondition_failed(exc: BaseException) -> bool:
+    code, status = _error_code(exc)
+    return status in (409, 412) or code in {"PreconditionFailed", "ConditionalRequestConflict"}
 
-    True: written by this call. False: an object already existed (HTTP 412), or a concurrent
-    conditional write won (HTTP 409 ConditionalRequestConflict on AWS). SeaweedFS 4.48 and AWS
-    S3 honour the condition; a server that ignores it would make this a plain overwrite.
-    """
+
+def get_json_versioned(s3, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    """The JSON document at ``key`` and its ETag, or ``(None, None)`` if there is none."""
     from botocore.exceptions import ClientError
 
     try:
-        s3.put_object(Bucket=bucket, Key=key, Body=_json_bytes(obj),
-                      ContentType="application/json; charset=utf-8", IfNoneMatch="*")
-        return True
+        resp = s3.get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
-        code, status = _error_code(exc)
-        if status in (409, 412) or code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+        if _is_not_found(exc):
+            return None, None
+        raise
+    body = resp["Body"]
+    try:
+        return json.loads(body.read()), str(resp.get("ETag", "")).strip('"')
+    finally:
+        body.close()
+
+
+def put_json_conditional(s3, bucket: str, key: str, obj: Any, *, if_match: str | None = None) -> str | None:
+    """Write ``obj`` only if ``key`` is absent (``if_match=None``: ``If-None-Match: *``) or still
+    has the ETag ``if_match``. The new ETag, or None when the condition failed (HTTP 412, or
+    409 ConditionalRequestConflict when a concurrent conditional write won on AWS)."""
+    from botocore.exceptions import ClientError
+
+    condition = {"IfMatch": f'"{if_match}"'} if if_match else {"IfNoneMatch": "*"}
+    try:
+        resp = s3.put_object(Bucket=bucket, Key=key, Body=_json_bytes(obj),
+                             ContentType="application/json; charset=utf-8", **condition)
+    except ClientError as exc:
+        if _precondition_failed(exc):
+            return None
+        raise
+    return str(resp.get("ETag", "")).strip('"')
+
+
+def delete_if_match(s3, bucket: str, key: str, etag: str) -> bool:
+    """Delete ``key`` only if it still has the ETag ``etag``; False when it changed."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.delete_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+    except ClientError as exc:
+        if _precondition_failed(exc):
+            return False
+        if _is_not_found(exc):
             return False
         raise
+    return True
 
 
 def presign(s3, bucket: str, key: str, expires: int = 3600) -> str:

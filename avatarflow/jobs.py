@@ -186,7 +186,7 @@ async def submit_once(client: SegmindClient, store: Store, plan: Plan, *, log: C
             "audio_sha256": plan.audio_sha256,
             "updated_at": _now_iso(),
         }
-        if not await store.put_json_if_absent(key, claim):
+        if await store.create_json(key, claim) is None:
             continue
         try:
             answer = await client.submit(plan.request)

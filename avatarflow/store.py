@@ -70,8 +70,21 @@ class Store:
     async def put_json(self, key: str, obj: dict) -> None:
         await asyncio.to_thread(archive.put_json, self.s3, self.bucket, key, obj)
 
-    async def put_json_if_absent(self, key: str, obj: dict) -> bool:
-        return await asyncio.to_thread(archive.put_json_if_absent, self.s3, self.bucket, key, obj)
+    async def read_json(self, key: str) -> tuple[dict | None, str | None]:
+        """The document at `key` and its ETag, for a later `replace_json`; (None, None) if absent."""
+        return await asyncio.to_thread(archive.get_json_versioned, self.s3, self.bucket, key)
+
+    async def create_json(self, key: str, obj: dict) -> str | None:
+        """Create `key` only if absent (If-None-Match: *): its ETag, or None if it existed."""
+        return await asyncio.to_thread(archive.put_json_conditional, self.s3, self.bucket, key, obj)
+
+    async def replace_json(self, key: str, obj: dict, etag: str) -> str | None:
+        """Replace `key` only if it still has `etag` (If-Match): the new ETag, or None if it changed."""
+        return await asyncio.to_thread(archive.put_json_conditional, self.s3, self.bucket, key, obj, if_match=etag)
+
+    async def delete_if_match(self, key: str, etag: str) -> bool:
+        """Delete `key` only if it still has `etag`."""
+        return await asyncio.to_thread(archive.delete_if_match, self.s3, self.bucket, key, etag)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.s3.delete_object, Bucket=self.bucket, Key=key)

@@ -227,8 +227,8 @@ def test_json_documents(s3, s3_bucket, s3_prefix):
 
 def test_put_json_if_absent_is_honoured(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/ledger.json"
-    assert archive.put_json_if_absent(s3, s3_bucket, key, {"request_id": "first"}) is True
-    assert archive.put_json_if_absent(s3, s3_bucket, key, {"request_id": "second"}) is False
+    assert archive.put_json_conditional(s3, s3_bucket, key, {"request_id": "first"})
+    assert archive.put_json_conditional(s3, s3_bucket, key, {"request_id": "second"}) is None
     assert archive.get_json(s3, s3_bucket, key) == {"request_id": "first"}
 
 
@@ -239,7 +239,7 @@ def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
 
     def worker(i: int) -> None:
         barrier.wait()
-        results[i] = archive.put_json_if_absent(s3, s3_bucket, key, {"writer": i})
+        results[i] = archive.put_json_conditional(s3, s3_bucket, key, {"writer": i}) is not None
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -361,3 +361,17 @@ async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
     with pytest.raises(ArchiveError, match="probe"):
         archive.verify(s3, bad, probe=media.probe_video)
     assert not _exists(s3, s3_bucket, key)
+
+
+def test_replace_only_if_unchanged_and_delete_if_match(s3, s3_bucket, s3_prefix):
+    key = f"{s3_prefix}/cas.json"
+    first = archive.put_json_conditional(s3, s3_bucket, key, {"v": 1})
+    doc, etag = archive.get_json_versioned(s3, s3_bucket, key)
+    assert doc == {"v": 1} and etag == first
+    second = archive.put_json_conditional(s3, s3_bucket, key, {"v": 2}, if_match=etag)
+    assert second and second != first
+    assert archive.put_json_conditional(s3, s3_bucket, key, {"v": 3}, if_match=first) is None, "a stale ETag must lose"
+    assert archive.delete_if_match(s3, s3_bucket, key, first) is False
+    assert archive.get_json(s3, s3_bucket, key) == {"v": 2}
+    assert archive.delete_if_match(s3, s3_bucket, key, second) is True
+    assert archive.get_json_versioned(s3, s3_bucket, key) == (None, None)
