@@ -50,6 +50,17 @@ def api_url() -> str:
     return server.api_url
 
 
+def client_settings(url: str) -> dict[Any, str]:
+    """Prefect settings of a client of the server at `url`: the URL and, for the local server
+    (or from PREFECT_API_AUTH_STRING), its auth string."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    from avatarflow.local.prefect_server import client_auth
+
+    auth = client_auth(url)
+    return {PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
+
+
 def rate_limit_slots(per_minute: int, burst: int | None = None) -> tuple[int, float]:
     """(limit, slot_decay_per_second) of a global concurrency limit that lets at most
     `per_minute` requests through in ANY 60 s window.
@@ -104,7 +115,7 @@ async def ensure_work_pool(name: str = WORK_POOL) -> bool:
 
 def deploy_all(url: str, prefect_file: Path = PREFECT_FILE) -> str:
     """`prefect --no-prompt deploy --all` from the project root; its output."""
-    env = {**os.environ, "PREFECT_API_URL": url, "COLUMNS": "200"}
+    env = {**os.environ, **{s.name: v for s, v in client_settings(url).items()}, "COLUMNS": "200"}
     prefect = str(Path(sys.executable).with_name("prefect"))
     proc = subprocess.run(
         [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
@@ -213,10 +224,10 @@ def emit_command(
                "resolution": resolution, "seed": seed}
 
     def send() -> Any:
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import temporary_settings
 
         ev = portrait_uploaded_event(s3_uri, request)
-        with temporary_settings({PREFECT_API_URL: api_url()}):
+        with temporary_settings(client_settings(api_url())):
             asyncio.run(emit(ev))
         return ev
 
@@ -233,10 +244,10 @@ def deploy(
     """Register the blocks, the rate limit (global concurrency limit `avatarflow-api` with slot
     decay: --rate-limit requests in any minute), the process work pool `avatarflow-process`, and
     every deployment of prefect.yaml (`prefect --no-prompt deploy --all` from the project root)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     url = _safe(api_url)
-    with temporary_settings({PREFECT_API_URL: url}):
+    with temporary_settings(client_settings(url)):
         if blocks:
             from avatarflow.settings import api_settings, archive_settings
 
@@ -251,7 +262,7 @@ def deploy(
     out = _safe(lambda: deploy_all(url))
     for name in re.findall(r"Deployment '([^']+)' successfully created", re.sub(r"[\s│]+", " ", out)):
         typer.echo(f"deployment  {name}")
-    typer.echo(f"worker:     PREFECT_API_URL={url} prefect worker start --pool {WORK_POOL}")
+    typer.echo(f"worker:     PREFECT_API_URL={url} PREFECT_API_AUTH_STRING=... prefect worker start --pool {WORK_POOL}")
 
 
 def prefect_up(
@@ -264,6 +275,8 @@ def prefect_up(
     typer.echo(f"prefect up  {server.api_url}  pid={server.pid}")
     typer.echo(f"Prefect UI: {server.ui_url}")
     typer.echo(f"export PREFECT_API_URL={server.api_url}")
+    typer.echo(f"export PREFECT_API_AUTH_STRING=...   # the server's auth string: \"prefect_auth_string\" in "
+               f"{server.home}/secrets.json (mode 0600); clients without it get 401")
 
 
 def prefect_down() -> None:

@@ -50,7 +50,7 @@ def main() -> None:
     from avatarflow.local.prefect_server import start_prefect, stop_prefect
 
     svcs = services.up()
-    os.environ["PREFECT_API_URL"] = start_prefect().api_url
+    os.environ.update(start_prefect().client_env())  # PREFECT_API_URL and PREFECT_API_AUTH_STRING
     name = "bench-api-rate"
     try:
         from avatarflow.ops_cli import ensure_rate_limit
@@ -61,7 +61,8 @@ def main() -> None:
         out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local",
                                        max_concurrency=args.max_concurrency))
         wall = time.perf_counter() - t
-        stats = httpx.get(f"{svcs.api.base_url}/_local/stats", timeout=30).json()
+        stats = httpx.get(f"{svcs.api.base_url}/_local/stats", headers={"x-api-key": svcs.api.api_key},
+                          timeout=30).json()
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 

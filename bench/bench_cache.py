@@ -30,7 +30,8 @@ def main() -> None:
     from flows.avatar_video import avatar_video
 
     svcs = services.up()
-    calls = lambda: sum(httpx.get(f"{svcs.api.base_url}/_local/stats").json()["requests"].values())  # noqa: E731
+    calls = lambda: sum(httpx.get(f"{svcs.api.base_url}/_local/stats",  # noqa: E731
+                                  headers={"x-api-key": svcs.api.api_key}).json()["requests"].values())
     try:
         request = VideoRequest(image=str(ASSET), voice_script="Caching is cheaper than rendering.", seed=99)
 

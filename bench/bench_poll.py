@@ -48,7 +48,7 @@ def _start_server(processing: float, workers: int) -> tuple[subprocess.Popen, st
 
 
 def _stats(base: str) -> dict:
-    return httpx.get(f"{base}/_local/stats", timeout=5).json()
+    return httpx.get(f"{base}/_local/stats", headers={"x-api-key": KEY}, timeout=5).json()
 
 
 def _status_calls(base: str) -> int:

@@ -2,13 +2,15 @@
 
 Fixtures:
   local_api  (session) LocalApi: base_url, api_key, headers, data_dir, stats(), set_faults(dict),
-             reset(), process
+             reset(), process (the /_local/* knobs are called with the key: the admin key if the
+             server has one, else the API key)
   api        (function) the same, with faults and counters reset before and after the test (and
              the server restarted on its port if an earlier test left it dead)
 
 Helpers for a test that needs a server of its own (other flags: a tiny --retention, a
 --rate-limit, start-up faults): ``start_local_api(tmp_path, "--retention", "1")`` and
-``stop_local_api(server)``. The key goes to the server through the environment, never argv.
+``stop_local_api(server)``; ``env={"AVATARFLOW_LOCAL_ADMIN_KEY": ...}`` gives it an admin key.
+The key goes to the server through the environment, never argv.
 """
 
 from __future__ import annotations
@@ -40,29 +42,36 @@ class LocalApi:
     port: int = 0
     args: tuple[str, ...] = ()
     _log: IO[bytes] | None = field(default=None, repr=False)
+    admin_key: str | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def headers(self) -> dict[str, str]:
         return {"x-api-key": self.api_key}
 
     @property
+    def admin_headers(self) -> dict[str, str]:
+        """The key of the /_local/* routes."""
+        return {"x-api-key": self.admin_key or self.api_key}
+
+    @property
     def log_path(self) -> Path | None:
         return self.data_dir / "server.log" if self.data_dir else None
 
     def stats(self) -> dict:
-        r = httpx.get(f"{self.base_url}/_local/stats", timeout=10)
+        r = httpx.get(f"{self.base_url}/_local/stats", headers=self.admin_headers, timeout=10)
         r.raise_for_status()
         return r.json()
 
     def set_faults(self, faults: dict) -> dict:
         """Replace the faults (schema: avatarflow.local.chaos); settings keys update settings."""
-        r = httpx.post(f"{self.base_url}/_local/faults", json=faults, timeout=10)
+        r = httpx.post(f"{self.base_url}/_local/faults", json=faults, headers=self.admin_headers, timeout=10)
         r.raise_for_status()
         return r.json()
 
     def reset(self) -> None:
         """Start-up faults and settings back, counters cleared (jobs and history stay)."""
-        httpx.post(f"{self.base_url}/_local/reset", timeout=10).raise_for_status()
+        httpx.post(f"{self.base_url}/_local/reset", json={}, headers=self.admin_headers, timeout=10).raise_for_status()
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -75,12 +84,13 @@ def _log_tail(path: Path, n: int = 20) -> str:
         return ""
 
 
-def _spawn(data_dir: Path, port: int, key: str, extra: tuple[str, ...]) -> tuple[subprocess.Popen, IO[bytes]]:
+def _spawn(data_dir: Path, port: int, key: str, extra: tuple[str, ...],
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen, IO[bytes]]:
     log = open(data_dir / "server.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir), *extra],
-        cwd=ROOT, env={**os.environ, "AVATARFLOW_LOCAL_API_KEY": key}, stdout=log, stderr=log,
+        cwd=ROOT, env={**os.environ, **(env or {}), "AVATARFLOW_LOCAL_API_KEY": key}, stdout=log, stderr=log,
     )
     return proc, log
 
@@ -99,7 +109,8 @@ def _wait_healthy(proc: subprocess.Popen, base: str, deadline: float) -> bool:
     raise TimeoutError
 
 
-def start_local_api(data_dir: Path, *extra: str, key: str | None = None, port: int | None = None) -> LocalApi:
+def start_local_api(data_dir: Path, *extra: str, key: str | None = None, port: int | None = None,
+                    env: dict[str, str] | None = None) -> LocalApi:
     """Start `avatarflow local serve` on a free loopback port and wait until it is healthy.
 
     A port taken between the pick and the bind is retried with another one (unless ``port`` is
@@ -109,10 +120,11 @@ def start_local_api(data_dir: Path, *extra: str, key: str | None = None, port: i
     for attempt in range(3):
         p = port or free_ports(1)[0]
         base = f"http://127.0.0.1:{p}"
-        proc, log = _spawn(data_dir, p, key, extra)
+        proc, log = _spawn(data_dir, p, key, extra, env)
         try:
             if _wait_healthy(proc, base, time.time() + START_TIMEOUT_S):
-                return LocalApi(base, key, proc, data_dir, p, tuple(extra), log)
+                admin = (env or {}).get("AVATARFLOW_LOCAL_ADMIN_KEY")
+                return LocalApi(base, key, proc, data_dir, p, tuple(extra), log, admin, dict(env or {}))
         except TimeoutError:
             proc.kill()
             proc.wait()
@@ -129,7 +141,7 @@ def start_local_api(data_dir: Path, *extra: str, key: str | None = None, port: i
 def restart_local_api(api: LocalApi) -> None:
     """Bring a dead server back on the same port, key and flags (the base URL stays valid)."""
     stop_local_api(api)
-    fresh = start_local_api(api.data_dir, *api.args, key=api.api_key, port=api.port)
+    fresh = start_local_api(api.data_dir, *api.args, key=api.api_key, port=api.port, env=api.env)
     api.process, api._log = fresh.process, fresh._log
 
 

@@ -4,7 +4,8 @@ process worker serving the avatarflow work pool with the pipeline's environment 
 as the vendor, the test S3 as the archive).
 
 Fixtures:
-  prefect_server  (session) PrefectServer: api_url, ui_url
+  prefect_server  (session) PrefectServer: api_url, ui_url, auth_string, headers (the server
+                  refuses requests without its auth string), client_env()
   deployed        (session) after `avatarflow deploy` (python -m avatarflow.ops_cli deploy) and
                   with a worker running: {"env", "deploy_output", "worker_log", "prefix"}
 """
@@ -47,12 +48,13 @@ def prefect_server(tmp_path_factory):
     stop_prefect(home)
 
 
-def pipeline_environment(local_api, s3_settings, prefix: str, api_url: str, home: Path) -> dict[str, str]:
-    """What a worker (and the flow runs it starts) sees: the pipeline's variables, the server."""
+def pipeline_environment(local_api, s3_settings, prefix: str, server, home: Path) -> dict[str, str]:
+    """What a worker (and the flow runs it starts) sees: the pipeline's variables, the server
+    (its URL and auth string)."""
     return {
         **os.environ,
         **pipeline_variables(local_api, s3_settings, prefix),
-        "PREFECT_API_URL": api_url,
+        **server.client_env(),
         "PREFECT_HOME": str(home),
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_PREFETCH_SECONDS": "2",
@@ -78,7 +80,7 @@ def _stop_worker(worker: subprocess.Popen) -> None:
 def deployed(prefect_server, local_api, s3_settings, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-client-home")
     prefix = f"deployments-{os.getpid()}"
-    env = pipeline_environment(local_api, s3_settings, prefix, prefect_server.api_url, home)
+    env = pipeline_environment(local_api, s3_settings, prefix, prefect_server, home)
     done = subprocess.run(
         [sys.executable, "-m", "avatarflow.ops_cli", "deploy", "--rate-limit", str(TEST_RATE_PER_MINUTE)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -93,7 +95,8 @@ def deployed(prefect_server, local_api, s3_settings, tmp_path_factory):
     try:
         deadline = time.time() + 60  # the worker has registered with its pool
         while time.time() < deadline:
-            r = httpx.post(f"{prefect_server.api_url}/work_pools/{WORK_POOL}/workers/filter", json={}, timeout=10)
+            r = httpx.post(f"{prefect_server.api_url}/work_pools/{WORK_POOL}/workers/filter", json={},
+                           headers=prefect_server.headers, timeout=10)
             if r.status_code == 200 and r.json():
                 break
             assert worker.poll() is None, log_path.read_text()[-3000:]

@@ -15,12 +15,13 @@ import httpx
 from tests.fixtures_prefect_server import ROOT, deployed, prefect_server  # noqa: F401
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+AUTH: dict[str, str] = {}  # the server's Authorization header (its auth string), set by the test
 
 
 def _call(method: str, url: str, **kw) -> httpx.Response:
     """One API call; a 503 (the SQLite server busy: it says so and means "again") is retried."""
     for attempt in range(6):
-        r = httpx.request(method, url, timeout=30, **kw)
+        r = httpx.request(method, url, timeout=30, headers=AUTH, **kw)
         if r.status_code != 503:
             return r
         time.sleep(1 + attempt)
@@ -71,6 +72,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     prefect_server, deployed, portrait_path, s3, s3_bucket  # noqa: F811
 ):
     url, log = prefect_server.api_url, deployed["worker_log"]
+    AUTH.update(prefect_server.headers)
     out = deployed["deploy_output"]
     assert "rate limit  avatarflow-api: 600/min" in out and "work pool   avatarflow-process" in out, out
     gcl = _call("GET", f"{url}/v2/concurrency_limits/avatarflow-api").json()

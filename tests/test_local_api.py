@@ -378,7 +378,7 @@ def test_submit_delay_holds_the_answer_but_queues_at_once(api, image):
 
 
 def test_faults_endpoint_rejects_unknown_kinds(api):
-    r = httpx.post(f"{api.base_url}/_local/faults", json={"status": {"418": 1.0}}, timeout=10)
+    r = httpx.post(f"{api.base_url}/_local/faults", json={"status": {"418": 1.0}}, headers=api.headers, timeout=10)
     assert r.status_code == 400 and "status.418" in r.json()["error"]
 
 

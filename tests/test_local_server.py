@@ -182,7 +182,7 @@ def test_faults_replace_and_reset_restores(api):
     assert get(api, "/v2/requests/nope").status_code == 404
     stats = api.stats()
     assert stats["requests"] == {"result": 1} and stats["faults"]["result"] == {}
-    bad = httpx.post(f"{api.base_url}/_local/faults", json={"status": {"418": 1.0}}, timeout=10)
+    bad = httpx.post(f"{api.base_url}/_local/faults", json={"status": {"418": 1.0}}, headers=api.headers, timeout=10)
     assert bad.status_code == 400 and "418" in bad.json()["error"]
 
 
@@ -336,7 +336,7 @@ def test_cli_fault_flags_and_per_key_rate_windows(tmp_path):
         r = get(server, "/v2/requests/nope/status")
         assert r.status_code == 429 and 50 <= int(r.headers["Retry-After"]) <= 60
         assert server.stats()["faults"]["retry_after"] == 4
-        httpx.post(f"{server.base_url}/_local/reset", timeout=10)
+        server.reset()
         assert server.stats()["faults"]["status"] == {"504": 1.0}, "reset restores the start-up faults"
     finally:
         stop_local_api(server)

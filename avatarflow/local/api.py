@@ -4,6 +4,7 @@ like the vendor's service (v2 submit/status/result, v1 sync, output files, reque
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import json
 import logging
@@ -16,17 +17,25 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from avatarflow.contract import MODEL_SLUG, ContractError, parse_request
-from avatarflow.local.chaos import ENDPOINTS, Chaos, Faults, Settings, reset_at_header
+from avatarflow.local.chaos import ENDPOINTS, Chaos, Faults, KnobError, Settings, reset_at_header
 from avatarflow.local.queue import JobQueue, LocalJob
 
 log = logging.getLogger("avatarflow.local")
 API_ENDPOINTS = frozenset({"submit", "status", "result", "history", "sync"})
+LOCAL_PREFIX = "/_local"
+OPEN_LOCAL_PATHS = frozenset({"/_local/health"})
+# The knob routes' bodies are small JSON objects: anything larger is refused (413) while read.
+MAX_KNOB_BODY = 16 * 1024
 
 
 @dataclass
 class ServerConfig:
+    """``admin_keys``: when given, the only keys ``/_local/*`` accepts (and they open nothing
+    else); when empty, ``/_local/*`` takes the API keys."""
+
     data_dir: Path
     api_keys: list[str] = field(repr=False)
+    admin_keys: list[str] = field(default_factory=list, repr=False)
     workers: int = 2
     settings: Settings = field(default_factory=Settings)
     faults: Faults = field(default_factory=Faults)
@@ -51,14 +60,34 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> JSON
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class ChaosMiddleware:
-    """Counts requests, checks keys and the rate limit, injects faults: all before the routes."""
+def _is_local(path: str) -> bool:
+    return path == LOCAL_PREFIX or path.startswith(LOCAL_PREFIX + "/")
 
-    def __init__(self, app: Any, chaos: Chaos, keys: list[str]):
+
+def _key_in(key: str, keys: set[str]) -> bool:
+    """Constant-time membership (every key compared)."""
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(key.encode(), k.encode())
+    return found
+
+
+class ChaosMiddleware:
+    """Counts requests, checks keys and the rate limit, injects faults: all before the routes.
+    ``/_local/*`` (but ``/_local/health``) needs an admin key, or an API key when none is set."""
+
+    def __init__(self, app: Any, chaos: Chaos, keys: list[str], admin_keys: list[str] | None = None):
         self.app, self.chaos, self.keys = app, chaos, set(keys)
+        self.admin_keys = set(admin_keys or ()) or self.keys
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if _is_local(scope["path"]) and scope["path"] not in OPEN_LOCAL_PATHS:
+            key = dict(scope["headers"]).get(b"x-api-key", b"").decode("latin-1")
+            if not _key_in(key, self.admin_keys):
+                return await _json(401, {"error": "missing or invalid key (x-api-key) for /_local/*"})(
+                    scope, receive, send)
             return await self.app(scope, receive, send)
         endpoint = endpoint_of(scope["method"], scope["path"])
         if endpoint is None:
@@ -268,18 +297,52 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/_local/faults")
     async def faults(request: Request) -> Response:
+        body, error = await knob_body(request)
+        if error:
+            return error
         try:
-            chaos.configure(await request.json())
-        except (ValueError, TypeError) as e:
-            return _json(400, {"error": str(e)})
+            chaos.configure(body)
+        except KnobError as e:
+            return _json(400, {"error": f"faults: {e}", "fields": [e.field]})
         return _json(200, {"faults": chaos.faults.model_dump(), "settings": chaos.settings.model_dump()})
 
     @app.post("/_local/reset")
-    async def reset() -> Response:
+    async def reset(request: Request) -> Response:
+        body, error = await knob_body(request, empty_ok=True)
+        if error:
+            return error
+        if body:
+            field_ = next(iter(body)) if isinstance(body, dict) else "body"
+            return _json(400, {"error": f"reset: {field_} is not allowed; allowed: an empty body or {{}}",
+                               "fields": [field_]})
         chaos.reset()
         return _json(200, {"ok": True})
 
-    return ChaosMiddleware(app, chaos, config.api_keys)
+    return ChaosMiddleware(app, chaos, config.api_keys, config.admin_keys)
+
+
+async def knob_body(request: Request, *, empty_ok: bool = False) -> tuple[Any, Response | None]:
+    """The JSON body of a knob route: application/json only (415), at most MAX_KNOB_BODY bytes
+    (413, counted while read, whatever Content-Length says), valid JSON (400)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        return None, _json(415, {"error": f"content-type {ctype or 'none'!r} is not allowed; allowed: application/json"})
+    too_big = _json(413, {"error": f"body is larger than {MAX_KNOB_BODY} bytes; allowed: up to {MAX_KNOB_BODY}"})
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_KNOB_BODY):
+        return None, too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_KNOB_BODY:
+            return None, too_big
+    if not data.strip() and empty_ok:
+        return None, None
+    try:
+        return json.loads(bytes(data)), None
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deep" if isinstance(e, RecursionError) else "not valid JSON"
+        return None, _json(400, {"error": f"body is {reason}; allowed: a JSON object", "fields": ["body"]})
 
 
 def check_loopback(host: str) -> None:
@@ -298,6 +361,8 @@ def serve(host: str, port: int, config: ServerConfig) -> None:
     check_loopback(host)
     if not config.api_keys:
         raise ValueError("no API key: give --api-key or set AVATARFLOW_LOCAL_API_KEY")
+    if set(config.admin_keys) & set(config.api_keys):
+        raise ValueError("an admin key is also an API key: give the admin key a value of its own")
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 
 

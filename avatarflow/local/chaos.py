@@ -14,10 +14,17 @@ Faults are set at start (CLI flags) or at run time with `POST /_local/faults`, a
 
 Endpoints: submit, status, result, history, files, sync. `drop` cuts the connection midway
 through a response. `POST /_local/reset` restores the start-up settings and clears counters.
+
+Every value is checked before any is applied (:func:`validate_knobs`): a bad one is refused
+with its name, its value and what is allowed, and leaves the current knobs as they were.
+Ranges: rates 0 to 1; `count` a whole number 0 or more (or null); `retry_after` 0 to 3600 s;
+`submit_delay` 0 to 300 s; `min_processing_time` 0 to 3600 s; `rate_limit` a whole number 0 to
+100000 per minute; `retention` 0 to 604800 s.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -29,6 +36,74 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ENDPOINTS = ("submit", "status", "result", "history", "files", "sync")
 FAULT_KINDS = ("429", "500", "502", "504", "drop")
+
+
+class KnobError(ValueError):
+    """A bad fault or setting: ``field`` (e.g. ``status.500``), its value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={_show(value)} is not allowed; allowed: {allowed}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(field: str, value: Any, low: float, high: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise KnobError(field, value, what)
+    return float(value)
+
+
+def _whole(field: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise KnobError(field, value, f"a whole number from {low} to {high}")
+    return value
+
+
+RATE = "a rate, a number from 0 to 1"
+_SECONDS_MAX = {"retry_after": 3600.0, "submit_delay": 300.0, "min_processing_time": 3600.0,
+                "retention": 604800.0}
+
+
+def validate_knobs(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(faults, settings) of a ``POST /_local/faults`` body, every value checked; nothing is
+    applied here. KnobError names the first bad field, its value and what is allowed."""
+    if not isinstance(body, dict):
+        raise KnobError("body", type(body).__name__, "a JSON object of fault knobs and settings")
+    known = [*Faults.model_fields, *Settings.model_fields]
+    faults: dict[str, Any] = {}
+    settings: dict[str, Any] = {}
+    for name, value in body.items():
+        if name in ENDPOINTS:
+            if not isinstance(value, dict):
+                raise KnobError(name, value, f"an object of fault rates by kind ({', '.join(FAULT_KINDS)})")
+            rates = {}
+            for kind, rate in value.items():
+                if kind not in FAULT_KINDS:
+                    raise KnobError(f"{name}.{kind}", kind, f"a fault kind: {', '.join(FAULT_KINDS)}")
+                rates[kind] = _number(f"{name}.{kind}", rate, 0, 1, RATE)
+            faults[name] = rates
+        elif name in ("fail_rate", "submit_drop_after_accept"):
+            faults[name] = _number(name, value, 0, 1, RATE)
+        elif name == "count":
+            faults[name] = None if value is None else _whole(name, value, 0, 1_000_000)
+        elif name in ("retry_after", "submit_delay"):
+            top = _SECONDS_MAX[name]
+            faults[name] = _number(name, value, 0, top, f"seconds, a number from 0 to {top:g}")
+        elif name in ("min_processing_time", "retention"):
+            top = _SECONDS_MAX[name]
+            settings[name] = _number(name, value, 0, top, f"seconds, a number from 0 to {top:g}")
+        elif name == "rate_limit":
+            settings[name] = _whole(name, value, 0, 100_000)
+        else:
+            raise KnobError(str(name), name, f"a fault knob: {', '.join(known)}")
+    return faults, settings
 
 
 class Faults(BaseModel):
@@ -74,17 +149,16 @@ class Chaos:
             self.api_request_times: list[float] = []
             self._windows: dict[str, deque[float]] = defaultdict(deque)
 
-    def configure(self, body: dict[str, Any]) -> None:
-        settings = {k: body.pop(k) for k in list(body) if k in Settings.model_fields}
+    def configure(self, body: Any) -> None:
+        """Apply a ``POST /_local/faults`` body: settings keys update the settings, fault keys (if
+        any) replace the faults. All or nothing: KnobError before anything changes."""
+        faults, settings = validate_knobs(body)
+        new_faults = Faults.model_validate(faults) if faults else None
         with self._lock:
             if settings:
                 self.settings = self.settings.model_copy(update=settings)
-            if body:
-                for endpoint in ENDPOINTS:
-                    for kind in body.get(endpoint, {}):
-                        if kind not in FAULT_KINDS:
-                            raise ValueError(f"{endpoint}.{kind} is not a fault; allowed: {', '.join(FAULT_KINDS)}")
-                self.faults = Faults.model_validate(body)
+            if new_faults is not None:
+                self.faults = new_faults
 
     def _fire(self, rate: float) -> bool:
         if rate <= 0 or self.faults.count == 0:

@@ -38,7 +38,7 @@ def fault_settings(
     retry_after: float | None = None,
 ) -> dict[str, Any]:
     """The fault object the CLI flags describe; ValueError with a readable message when bad."""
-    from avatarflow.local.chaos import ENDPOINTS, FAULT_KINDS, Faults, Settings
+    from avatarflow.local.chaos import ENDPOINTS, FAULT_KINDS, Faults, Settings, validate_knobs
 
     body: dict[str, Any] = {}
     if faults:
@@ -86,9 +86,10 @@ def fault_settings(
         allowed = ", ".join([*Faults.model_fields, *Settings.model_fields])
         raise ValueError(f"faults: {', '.join(unknown)} is not a fault knob; allowed: {allowed}")
     try:
+        validate_knobs(body)  # the ranges POST /_local/faults enforces
         Faults.model_validate({k: v for k, v in body.items() if k in Faults.model_fields})
         Settings.model_validate({k: v for k, v in body.items() if k in Settings.model_fields})
-    except ValueError as e:  # pydantic's ValidationError
+    except ValueError as e:  # KnobError, pydantic's ValidationError
         raise ValueError(f"faults: {e}") from None
     return body
 
@@ -98,6 +99,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Loopback address to bind (anything else is refused)."),
     port: int = typer.Option(8787, help="Port."),
     api_key: list[str] = typer.Option([], help="A key the server accepts (repeatable); also AVATARFLOW_LOCAL_API_KEY (comma-separated)."),
+    admin_key: list[str] = typer.Option([], help="A key for /_local/* only (repeatable); also AVATARFLOW_LOCAL_ADMIN_KEY (comma-separated). None: /_local/* takes the API keys."),
     data_dir: Optional[Path] = typer.Option(None, help="Where outputs are written (default: a temporary directory)."),
     workers: int = typer.Option(2, min=1, help="Jobs rendered at once."),
     retention: float = typer.Option(3600.0, min=0, help="Seconds a request record lives (then 404); history rows never expire."),
@@ -121,9 +123,11 @@ def serve(
         body = fault_settings(faults, fault, fail_rate, submit_drop_after_accept, submit_delay, fault_count, retry_after)
         settings = {k: body.pop(k) for k in list(body) if k in Settings.model_fields}
         keys = list(api_key) + [k.strip() for k in os.environ.get("AVATARFLOW_LOCAL_API_KEY", "").split(",") if k.strip()]
+        admin_keys = list(admin_key) + [k.strip() for k in os.environ.get("AVATARFLOW_LOCAL_ADMIN_KEY", "").split(",") if k.strip()]
         config = ServerConfig(
             data_dir=data_dir or Path(tempfile.mkdtemp(prefix="avatarflow-api-")),
             api_keys=keys,
+            admin_keys=admin_keys,
             workers=workers,
             settings=Settings(**{"min_processing_time": min_processing_time, "rate_limit": rate_limit,
                                  "retention": retention, **settings}),

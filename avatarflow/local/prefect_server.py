@@ -1,12 +1,21 @@
 """A local Prefect server (`prefect server start`, SQLite) on loopback, for the UI, deployments
-and workers: started detached, its address kept in the avatarflow home (prefect.json)."""
+and workers: started detached, its address kept in the avatarflow home (prefect.json).
+
+The server takes only requests with its auth string (``PREFECT_SERVER_API_AUTH_STRING``; 401
+otherwise, but for ``GET /api/health`` and ``/api/ready``): ``avatarflow:<random>``, generated
+once and kept in the home's ``secrets.json`` (mode 0600) as ``prefect_auth_string``. Every client
+the project starts gets it as ``PREFECT_API_AUTH_STRING`` (:meth:`PrefectServer.client_env`,
+:func:`client_auth`); the UI asks for it once. CORS is allowed only from the server's own UI
+origin (``PREFECT_SERVER_CORS_ALLOWED_ORIGINS``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -17,25 +26,44 @@ from avatarflow.local.services import (
     _locked,
     _log_tail,
     _process,
+    _secret,
     _spawn,
     _stop_group,
     _wait,
+    _write_private_json,
     free_ports,
     resolve_home,
 )
 
 MARKER = "prefect"
 STATE_FILE = "prefect.json"
+AUTH_SECRET = "prefect_auth_string"  # its name in secrets.json
 
 
 @dataclass
 class PrefectServer:
     api_url: str
     pid: int | None
+    auth_string: str | None = field(default=None, repr=False)
+    home: Path | None = None
 
     @property
     def ui_url(self) -> str:
         return self.api_url.removesuffix("/api")
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The Authorization header Prefect's clients send (HTTP Basic of the auth string)."""
+        if not self.auth_string:
+            return {}
+        return {"Authorization": "Basic " + base64.b64encode(self.auth_string.encode()).decode()}
+
+    def client_env(self) -> dict[str, str]:
+        """What a Prefect client (worker, deploy, emit, a flow run) needs to reach this server."""
+        env = {"PREFECT_API_URL": self.api_url}
+        if self.auth_string:
+            env["PREFECT_API_AUTH_STRING"] = self.auth_string
+        return env
 
     def answers(self, timeout: float = 2.0) -> bool:
         try:
@@ -43,27 +71,61 @@ class PrefectServer:
         except httpx.HTTPError:
             return False
 
+    def refuses_without_auth(self, timeout: float = 5.0) -> bool:
+        """Whether the server wants the auth string (one started before it had one does not)."""
+        try:
+            return httpx.get(f"{self.api_url}/admin/version", timeout=timeout, trust_env=False).status_code == 401
+        except httpx.HTTPError:
+            return False
+
+
+def _auth_string(home: Path) -> str:
+    return _secret(home, AUTH_SECRET, lambda: "avatarflow:" + secrets.token_urlsafe(24))
+
 
 def _state(home: Path) -> PrefectServer | None:
     try:
         data = json.loads((home / STATE_FILE).read_text())
-        return PrefectServer(data["api_url"], data.get("pid"))
+        auth = json.loads((home / "secrets.json").read_text()).get(AUTH_SECRET) \
+            if (home / "secrets.json").exists() else None
+        return PrefectServer(data["api_url"], data.get("pid"), auth, home)
     except (OSError, ValueError, KeyError):
         return None
 
 
-def prefect_env(home: Path, port: int) -> dict[str, str]:
+def client_auth(api_url: str, home: str | os.PathLike[str] | None = None) -> str | None:
+    """The auth string for a client of ``api_url``: ``PREFECT_API_AUTH_STRING`` if set, else
+    the local server's when ``api_url`` is the local server's; else None."""
+    if os.environ.get("PREFECT_API_AUTH_STRING"):
+        return os.environ["PREFECT_API_AUTH_STRING"]
+    if home is None:  # no resolve_home(): a client of another server creates no home here
+        home = os.environ.get("AVATARFLOW_HOME") or Path.cwd() / ".avatarflow"
+    current = _state(Path(home).expanduser().resolve())
+    if current and current.api_url.rstrip("/") == api_url.rstrip("/"):
+        return current.auth_string
+    return None
+
+
+def prefect_env(home: Path, port: int, auth_string: str | None = None) -> dict[str, str]:
     """The server's own Prefect home and database, apart from the user's; the UI told where
-    its API is (else it looks on the default port)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL")}
-    return {
+    its API is (else it looks on the default port); its auth string, and CORS from its UI only."""
+    drop = ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_AUTH_STRING",
+            "PREFECT_SERVER_API_AUTH_STRING")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    origin = f"http://{LOOPBACK}:{port}"
+    out = {
         **env,
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_API_HOST": LOOPBACK,
         "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_UI_API_URL": f"http://{LOOPBACK}:{port}/api",
+        "PREFECT_UI_API_URL": f"{origin}/api",
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"{origin},http://localhost:{port}",
     }
+    if auth_string:
+        out["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
+        out["PREFECT_API_AUTH_STRING"] = auth_string  # the server's own clients (its services)
+    return out
 
 
 def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | None = None,
@@ -71,18 +133,22 @@ def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | Non
     """Start (or reuse) `prefect server start` on loopback; the UI is at `ui_url`."""
     home_path = resolve_home(home)
     with _locked(home_path):
+        auth = _auth_string(home_path)
         current = _state(home_path)
-        if current and current.pid and _process(current.pid, MARKER) and current.answers():
+        if current and current.pid and _process(current.pid, MARKER) and current.answers() \
+                and current.refuses_without_auth():
             return current
+        if current and current.pid and _process(current.pid, MARKER):  # an old server without auth
+            _stop_group(current.pid, MARKER)
         p = port or free_ports(1)[0]
         log_path = home_path / "logs" / "prefect.log"
         cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", LOOPBACK, "--port", str(p)]
-        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p), cwd=home_path)
-        server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid)
+        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p, auth), cwd=home_path)
+        server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid, auth, home_path)
         if not _wait(server.answers, proc, timeout):
             _stop_group(proc.pid, MARKER)
             raise ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{_log_tail(log_path)}")
-        (home_path / STATE_FILE).write_text(json.dumps({"api_url": server.api_url, "pid": server.pid}))
+        _write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid})
         return server
 
 
@@ -93,7 +159,7 @@ def stop_prefect(home: str | os.PathLike[str] | None = None) -> bool:
     stopped = False
     if current and current.pid:
         stopped = _stop_group(current.pid, MARKER)
-        (home_path / STATE_FILE).write_text(json.dumps({"api_url": current.api_url, "pid": None}))
+        _write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None})
     return stopped
 
 

@@ -14,9 +14,17 @@ State lives in a home directory (env ``AVATARFLOW_HOME``, default ``<cwd>/.avata
     services.lock     serialises concurrent up/down calls
     s3/data/          SeaweedFS data
     s3/S3.json        SeaweedFS identities (mode 0600)
+    s3/security.toml  SeaweedFS JWT signing keys and CORS origins (mode 0600; weed reads it
+                      from its working directory, s3/)
     s3/ports.json     every port weed listens on (to clean its sockets on stop)
     api/              the local API's data directory
     logs/             s3.log (weed stdout/stderr), weed/ (weed's glog files), api.log
+
+Every directory is 0700 (tightened at each start), every file holding a secret 0600.
+SeaweedFS runs with JWT signing keys for master/volume (``jwt.signing``, ``jwt.signing.read``)
+and the filer (``jwt.filer_signing``, ``jwt.filer_signing.read``): its filer and volume HTTP
+ports refuse unsigned reads and writes (401), so only S3 with the credentials (and presigned
+URLs) reaches the data. CORS is allowed only from the S3 endpoint's own origin, not ``*``.
 
 No function here logs or prints a credential; the dataclasses keep secrets out of ``repr``.
 """
@@ -52,6 +60,9 @@ DEFAULT_REGION = "us-east-1"
 LOOPBACK = "127.0.0.1"
 SERVICES_FILE = "services.json"
 SECRETS_FILE = "secrets.json"
+STATE_DIRS = ("", "s3", "s3/data", "logs", "logs/weed", "api")
+# Incomplete multipart uploads (an archive cut off midway) are aborted after this many days.
+ABORT_MULTIPART_DAYS = 1
 API_HEALTH_PATH = "/_local/health"
 # weed's admin plugin worker dials the admin gRPC port at admin.port + this offset, whatever
 # -admin.port.grpc says (seen in 4.48): keep the two consistent.
@@ -153,18 +164,27 @@ def resolve_home(home: str | os.PathLike[str] | None = None) -> Path:
         env = os.environ.get("AVATARFLOW_HOME")
         home = Path(env) if env else Path.cwd() / ".avatarflow"
     path = Path(home).expanduser().resolve()
-    for sub in ("", "s3", "s3/data", "logs", "logs/weed", "api"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+    for sub in STATE_DIRS:
+        d = path / sub
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if d.stat().st_mode & 0o077:
+            d.chmod(0o700)  # a home made before 0700 (or under a loose umask)
     return path
 
 
-def _write_private_json(path: Path, obj: Any) -> None:
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, mode 0600 from the first byte."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_private_json(path: Path, obj: Any) -> None:
+    _write_private(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -482,6 +502,7 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]
     })
+    jwt_keys = {name: _secret(home, f"weed_{name}_key", lambda: secrets.token_urlsafe(32)) for name in _WEED_JWT}
     log_path = home / "logs" / "s3.log"
     last_error = ""
     for attempt in range(1, attempts + 1):
@@ -489,6 +510,8 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
         ports = dict(zip(names, free_ports(len(names))))
         ports["admin"], ports["admin_grpc"] = _admin_ports(set(ports.values()))
         _write_private_json(home / "s3" / "ports.json", ports)
+        origin = f"http://{LOOPBACK}:{ports['s3']}"  # CORS: the endpoint's own origin, no other
+        _write_private(home / "s3" / "security.toml", _security_toml(jwt_keys, origin))
         cmd = [
             weed_path(),
             f"-logdir={home / 'logs' / 'weed'}",
@@ -512,6 +535,9 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
             f"-admin.port={ports['admin']}",
             f"-admin.port.grpc={ports['admin_grpc']}",
             "-master.telemetry=false",
+            f"-s3.allowedOrigins={origin}",
+            f"-filer.allowedOrigins={origin}",
+            "-filer.exposeDirectoryData=false",
             f"-s3.config={s3_json}",
             f"-bucket={bucket}",
         ]
@@ -528,6 +554,7 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
         )
         if _wait(lambda: _s3_answers(svc, timeout=2.0), proc, timeout):
             svc.running = svc.answering = True
+            _abort_incomplete_uploads(svc)
             _save(home, s3=svc)
             log.info("SeaweedFS started: pid %s, %s, log %s", proc.pid, svc.endpoint_url, log_path)
             return svc
@@ -545,6 +572,35 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
         f"could not start SeaweedFS: {last_error}. See the log {log_path} "
         f"(and {home / 'logs' / 'weed'}). Last lines:\n{_log_tail(log_path)}"
     )
+
+
+# security.toml sections (and secrets.json names, weed_<name>_key) of the JWT signing keys.
+_WEED_JWT = {"signing": "jwt.signing", "signing_read": "jwt.signing.read",
+             "filer_signing": "jwt.filer_signing", "filer_signing_read": "jwt.filer_signing.read"}
+
+
+def _security_toml(keys: dict[str, str], origin: str) -> str:
+    """weed's security.toml: JWT keys for master, volume and filer; CORS from ``origin`` only;
+    no filer directory metadata and no volume UI for unsigned callers."""
+    lines = ["# generated by avatarflow (avatarflow/local/services.py); mode 0600", "",
+             "[cors.allowed_origins]", f'values = "{origin}"', "", "[access]", "ui = false", "",
+             "[filer.expose_directory_metadata]", "enabled = false", ""]
+    for name, section in _WEED_JWT.items():
+        lines += [f"[{section}]", f'key = "{keys[name]}"', "expires_after_seconds = 10", ""]
+    return "\n".join(lines)
+
+
+def _abort_incomplete_uploads(svc: S3Service) -> None:
+    """Bucket lifecycle: abort incomplete multipart uploads after ABORT_MULTIPART_DAYS."""
+    client = svc.client()
+    try:
+        client.put_bucket_lifecycle_configuration(Bucket=svc.bucket, LifecycleConfiguration={"Rules": [{
+            "ID": "avatarflow-abort-incomplete-multipart", "Status": "Enabled", "Filter": {"Prefix": ""},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_MULTIPART_DAYS},
+        }]})
+    finally:
+        with contextlib.suppress(Exception):
+            client.close()
 
 
 def _wait(answers: Callable[[], bool], proc: subprocess.Popen | None, timeout: float) -> bool:
