@@ -7,9 +7,10 @@ GETs are retried on 429, 5xx and transport errors (backoff with jitter, `Retry-A
 from __future__ import annotations
 
 import asyncio
-import os
+import ipaddress
 import random
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from avatarflow.errors import (
     DeadlineExceeded,
     RateLimited,
     ServerError,
+    SubmitNotSent,
     TransportError,
 )
 
@@ -128,6 +130,14 @@ def _message(body: Any, response: httpx.Response) -> str:
 def _raise_for_status(response: httpx.Response, request_id: str | None = None) -> None:
     if response.is_success:
         return
+    if response.is_redirect or 300 <= response.status_code < 400:
+        location = response.headers.get("location", "")
+        target = urllib.parse.urlsplit(str(response.url.join(location))).netloc if location else ""
+        raise APIError(
+            f"redirect (HTTP {response.status_code}) to {target or 'no location'} refused: API calls do not "
+            "follow redirects, the key goes only to the configured API and history hosts",
+            status_code=response.status_code, request_id=request_id,
+        )
     body = _body(response)
     message = _message(body, response)
     code = response.status_code
@@ -135,6 +145,45 @@ def _raise_for_status(response: httpx.Response, request_id: str | None = None) -
         raise RateLimited(message, retry_after=_server_delay(response), status_code=code, body=body, request_id=request_id)
     cls = ERRORS_BY_STATUS.get(code) or (ServerError if code >= 500 else APIError)
     raise cls(message, status_code=code, body=body, request_id=request_id)
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    u = httpx.URL(url)
+    return (u.scheme, (u.host or "").lower(), u.port or (443 if u.scheme == "https" else 80))
+
+
+def _loopback(host: str) -> bool:
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_api_url(name: str, url: str, has_key: bool) -> None:
+    """An API or history base URL: http(s); the key only over https or http to loopback."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name}={url!r} is not allowed; allowed: an https:// URL (http:// only to a loopback address)")
+    if has_key and parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ValueError(
+            f"{name}={url!r}: the API key is not sent over plain http to a non-loopback host; "
+            "allowed: https://, or http:// to a loopback address (127.0.0.1, ::1, localhost)")
+
+
+class _KeyAuth(httpx.Auth):
+    """Adds `x-api-key` only to requests for the configured API and history origins."""
+
+    def __init__(self, key: str, origins: set[tuple[str, str, int]]):
+        self._key, self._origins = key, origins
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        request.headers.pop("x-api-key", None)
+        if self._key and _origin(str(request.url)) in self._origins:
+            request.headers["x-api-key"] = self._key
+        yield request
 
 
 @dataclass(frozen=True)
@@ -152,8 +201,8 @@ class SegmindClient:
 
     def __init__(
         self,
-        api_key: str | None = None,
-        base_url: str | None = None,
+        api_key: str = "",
+        base_url: str = DEFAULT_BASE_URL,
         history_url: str | None = None,
         *,
         timeout: httpx.Timeout | float | None = None,
@@ -161,17 +210,29 @@ class SegmindClient:
         transport: httpx.AsyncBaseTransport | None = None,
         limiter: Callable[[], Awaitable[Any]] | None = None,
     ):
-        """`limiter`, when given, is awaited before every API request (not output downloads):
+        """Explicit arguments only (avatarflow.config reads the environment). `history_url`
+        defaults to the vendor's history host for the vendor's API, else to `base_url`.
+
+        The key goes only to the origins of `base_url` and `history_url`, over https or over
+        http to a loopback address (ValueError otherwise); API calls never follow a redirect
+        (a 3xx is an APIError naming the status and the target host). Output downloads
+        (`stream_output`) follow redirects and never carry the key.
+
+        `limiter`, when given, is awaited before every API request (not output downloads):
         the hook for an account-wide rate limit shared by many workers."""
-        self._api_key = api_key if api_key is not None else os.environ.get("SEGMIND_API_KEY", "")
-        self.base_url = (base_url or os.environ.get("SEGMIND_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self._api_key = api_key or ""
+        self.base_url = (base_url or DEFAULT_BASE_URL).rstrip("/")
         default_history = DEFAULT_HISTORY_URL if self.base_url == DEFAULT_BASE_URL else self.base_url
-        self.history_url = (history_url or os.environ.get("SEGMIND_HISTORY_URL") or default_history).rstrip("/")
+        self.history_url = (history_url or default_history).rstrip("/")
+        for name, url in (("base_url", self.base_url), ("history_url", self.history_url)):
+            _check_api_url(name, url, bool(self._api_key))
         self.max_retries = max_retries
         self._limiter = limiter
         if timeout is None:
             timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=True)
+        auth = _KeyAuth(self._api_key, {_origin(self.base_url), _origin(self.history_url)})
+        self._http = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False, auth=auth)
+        self._downloads = httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=True)
 
     def __repr__(self) -> str:
         return f"SegmindClient(base_url={self.base_url!r}, history_url={self.history_url!r}, api_key=***)"
@@ -184,10 +245,12 @@ class SegmindClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._downloads.aclose()
 
     @property
     def _headers(self) -> dict[str, str]:
-        return {"x-api-key": self._api_key} if self._api_key else {}
+        """No key here: `_KeyAuth` adds it to requests for the API and history origins only."""
+        return {}
 
     async def _get(self, url: str, *, params: dict | None = None, request_id: str | None = None) -> httpx.Response:
         """GET with retries on 429, 5xx and transport errors."""
@@ -216,30 +279,43 @@ class SegmindClient:
             await asyncio.sleep(backoff_delay(attempt, response))
             attempt += 1
 
-    async def submit(self, request: AvatarRequest | dict[str, Any]) -> SubmitResponse:
-        """POST /v2/p-video-avatar once. A lost answer raises AmbiguousSubmit: reconcile, don't repost."""
+    async def take_slot(self) -> None:
+        """Wait for a slot of the account's rate limit (the `limiter` hook), if one is set."""
+        if self._limiter is not None:
+            await self._limiter()
+
+    async def submit(self, request: AvatarRequest | dict[str, Any], *, slot_taken: bool = False) -> SubmitResponse:
+        """POST /v2/p-video-avatar once. Anything after the body may have left (timeout, reset,
+        cancellation, a 5xx, an answer that does not parse) raises AmbiguousSubmit: reconcile
+        through the history, never repost. `slot_taken`: the caller already took a rate slot."""
         if not isinstance(request, AvatarRequest):
             request = parse_request(request)
         url = f"{self.base_url}/v2/{MODEL_SLUG}"
-        if self._limiter is not None:
-            await self._limiter()
+        if not slot_taken:
+            await self.take_slot()
         sent_at = time.time()
         try:
             response = await self._http.post(url, json=request.body(), headers=self._headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise TransportError(f"submit not sent, could not connect to {self.base_url}: {type(e).__name__}") from None
+            raise SubmitNotSent(f"submit not sent, could not connect to {self.base_url}: {type(e).__name__}") from None
         except (httpx.TimeoutException, httpx.TransportError) as e:
             raise AmbiguousSubmit(
                 f"submit answer lost ({type(e).__name__}); a job may exist: reconcile through the request history",
                 sent_at=sent_at,
             ) from None
-        if response.status_code in (502, 504):
+        if response.status_code >= 500:
             raise AmbiguousSubmit(
-                f"submit got HTTP {response.status_code} from a gateway; a job may exist",
+                f"submit got HTTP {response.status_code}; a job may exist",
                 sent_at=sent_at, status_code=response.status_code, body=_body(response),
             )
         _raise_for_status(response)
-        return SubmitResponse.model_validate(response.json())
+        try:
+            return SubmitResponse.model_validate(response.json())
+        except ValueError:
+            raise AmbiguousSubmit(
+                f"submit answer did not parse (HTTP {response.status_code}); a job may exist",
+                sent_at=sent_at, status_code=response.status_code, body=_body(response),
+            ) from None
 
     async def status(self, request_id: str) -> StatusResponse:
         """GET /v2/requests/{id}/status; FAILED raises JobFailed with the API's error."""
@@ -305,7 +381,7 @@ class SegmindClient:
         attempt = 0
         while True:
             try:
-                async with self._http.stream("GET", url) as response:
+                async with self._downloads.stream("GET", url) as response:
                     if response.status_code in RETRYABLE_STATUS and attempt < self.max_retries:
                         await asyncio.sleep(backoff_delay(attempt, response))
                         attempt += 1

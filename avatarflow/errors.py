@@ -86,6 +86,10 @@ class TransportError(APIError):
     """The connection failed or was cut."""
 
 
+class SubmitNotSent(TransportError):
+    """The submit never reached the API (the connection was refused): no job exists."""
+
+
 class AmbiguousSubmit(APIError):
     """A submit whose answer was lost after the body was sent: a job may exist and be billed.
 
