@@ -20,13 +20,14 @@ AUDIO_ESTIMATE_S = 30.0
 
 
 def estimate_seconds(request: VideoRequest) -> float:
-    """Expected output length in seconds: the words of the script (template fields filled in
-    as they will be spoken), or AUDIO_ESTIMATE_S for a recording."""
+    """Expected output length in seconds: the words of the script as it will be spoken (the
+    template rendered with the row's fields, in the same bounded sandbox as the run: a template
+    that cannot render raises inputs.TemplateError), or AUDIO_ESTIMATE_S for a recording."""
     if request.audio:
         return AUDIO_ESTIMATE_S
-    script = request.voice_script
-    for name, value in (request.template_fields or {}).items():
-        script = script.replace("{{ %s }}" % name, str(value)).replace("{{%s}}" % name, str(value))
+    from avatarflow.inputs import render_script
+
+    script = render_script(request.voice_script, request.template_fields)
     return LEAD_SECONDS + len(script.split()) / WORDS_PER_SECOND
 
 

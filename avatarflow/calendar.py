@@ -5,7 +5,8 @@ Columns named like the API (`image`, `voice_script`, `audio`, `voice`, `voice_la
 `voice_script` template (`Hello {{ name }}!`), unless it looks like a misspelt parameter
 (`voice_langauge`), which is an error. A bad row is reported with its line and the field, not
 raised: it fails that row, not the batch. `check_sources` also fails, before anything is
-submitted, the rows whose local `image` or `audio` file is not there.
+submitted, the rows whose `image` or `audio` the source policy refuses (avatarflow.sources).
+The calendar is fetched through the same policy.
 """
 
 from __future__ import annotations
@@ -121,33 +122,41 @@ def _date(value: Any) -> date | None:
     return date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text).date()
 
 
-def _local_path(ref: str | None) -> Path | None:
-    if not ref or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+:", ref):
-        return None  # a URL, s3:// or data: URI: fetched when the row runs
-    return Path(ref).expanduser()
+def check_sources(rows: list[Row], base: Path | None = None, *, policy: Any = None) -> list[Row]:
+    """Fail (before any submit) the valid rows whose `image` or `audio` the source policy refuses
+    outright: a scheme it does not allow, an s3:// URI outside the allowed places, plain http,
+    a local path outside the allowed roots or not a readable regular file there. Relative paths
+    are taken from `base` (default: the working directory). `policy`: a sources.SourcePolicy
+    (default: the operator's, from the environment)."""
+    from avatarflow import sources
 
-
-def check_sources(rows: list[Row], base: Path | None = None) -> list[Row]:
-    """Fail (before any submit) the valid rows whose local `image` or `audio` file is missing;
-    relative paths are taken from `base` (default: the working directory)."""
+    policy = policy if policy is not None else sources.policy_from_env()
     for row in rows:
         if row.request is None:
             continue
         for name in ("image", "audio"):
-            path = _local_path(getattr(row.request, name))
-            if path is None:
+            ref = getattr(row.request, name)
+            if not ref:
                 continue
-            full = path if path.is_absolute() or base is None else base / path
-            if not full.is_file():
-                row.error = f"line {row.line}: {name}={str(path)!r}: no such file"
+            if base is not None and not sources.scheme_of(ref) and not Path(ref).expanduser().is_absolute():
+                ref = str(base / ref)
+            try:
+                sources.check_reference(ref, field=name, policy=policy)
+            except media.MediaError as e:
+                row.error = f"line {row.line}: {e}"
                 row.request = None
                 break
     return rows
 
 
-def read_calendar(source: str, *, s3_client: Any = None) -> list[Row]:
-    """Every row of the calendar at `source`, each valid or carrying its error."""
-    data = media.read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES)
+def read_calendar(source: str, *, s3_client: Any = None, policy: Any = None) -> list[Row]:
+    """Every row of the calendar at `source` (fetched through the source policy: `policy`, default
+    the operator's from the environment), each valid or carrying its error."""
+    from avatarflow import sources
+
+    policy = policy if policy is not None else sources.policy_from_env()
+    data = media.read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES,
+                             policy=policy)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:

@@ -40,6 +40,10 @@ RESOLUTION_SIZE: dict[str, tuple[int, int]] = {"720p": (1280, 720), "1080p": (19
 PRICE_PER_SECOND: dict[str, float] = {"720p": 0.025, "1080p": 0.045}
 
 SEED_MIN, SEED_MAX = -1, 999_999_999_999_999
+# The vendor states no limit for voice_script. Ours: 5,000 characters, about 800 words, about
+# five minutes of speech at 150 words a minute: as long as the longest audio we accept
+# (media.AUDIO_MAX_SECONDS = 300 s). It caps a template and what it renders to.
+VOICE_SCRIPT_MAX_CHARS = 5_000
 EXPECTED_DURATION_S = 100.0  # the vendor page's typical latency (~98 s)
 STRENGTH_MIN, STRENGTH_MAX = 0.0, 4.0
 
@@ -192,6 +196,9 @@ class AvatarRequest(BaseModel):
     def _script_not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("voice_script='' is empty; give the words to speak, or an audio")
+        if len(v) > VOICE_SCRIPT_MAX_CHARS:
+            raise ValueError(f"voice_script is too long ({len(v)} characters); "
+                             f"allowed: at most {VOICE_SCRIPT_MAX_CHARS} characters")
         return v
 
     @property
@@ -223,7 +230,9 @@ def explain(error: ValidationError) -> ContractError:
         elif e["type"] == "extra_forbidden":
             msg = f"{field} is not a parameter of {MODEL_SLUG}; allowed: {', '.join(AvatarRequest.model_fields)}"
         elif not msg.startswith(field):
-            msg = f"{field}={e.get('input')!r}: {msg}"
+            shown = repr(e.get("input"))
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            msg = f"{field}={shown}: {msg}"
         parts.append(msg)
     return ContractError("; ".join(parts), fields)
 
@@ -335,3 +344,15 @@ def history_rows(body: Any) -> list[HistoryRecord]:
 def cost_of(seconds: float, resolution: str) -> float:
     """What the vendor charges for an output of this length, in USD."""
     return round(seconds * PRICE_PER_SECOND[resolution], 6)
+
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def check_request_id(value: str, field: str = "request_id") -> str:
+    """A request id as the API issues them (letters, digits, '-' and '_'): it goes into URL
+    paths and object keys, so anything else is refused."""
+    if not isinstance(value, str) or not REQUEST_ID_PATTERN.match(value):
+        shown = repr(value)[:80]
+        raise ContractError(f"{field}={shown}: allowed: letters, digits, '-' and '_', at most 128 characters", [field])
+    return value

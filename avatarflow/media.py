@@ -12,12 +12,8 @@ value (shortened), the problem and what is allowed.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import io
-import re
-import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -34,7 +30,6 @@ IMAGE_MAX_PIXELS = 40_000_000  # ~120 MB as RGB; under Pillow's own bomb limit (
 AUDIO_MAX_BYTES = 50 * 1024 * 1024
 AUDIO_MIN_SECONDS = 0.3
 AUDIO_MAX_SECONDS = 300.0
-HTTP_TIMEOUT_S = 30.0
 
 IMAGE_FORMATS: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 AUDIO_FORMATS: dict[str, str] = {
@@ -212,8 +207,6 @@ def _mpeg_audio_frames(data: bytes) -> bool:
 
 
 # ---- fetching -----------------------------------------------------------------------------------
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
-
 
 def _sniff_checked(data: bytes, fail: Any, max_bytes: int, formats: Any, noun: str, allowed: str) -> str:
     """The kind of `data` by its magic bytes, after the empty and size checks; MediaError (from
@@ -228,142 +221,15 @@ def _sniff_checked(data: bytes, fail: Any, max_bytes: int, formats: Any, noun: s
     return kind
 
 
-def read_source(ref: str, *, field: str, s3_client: Any = None, max_bytes: int) -> bytes:
-    """The bytes behind a media reference, at most ``max_bytes`` of them.
+def read_source(ref: str, *, field: str, s3_client: Any = None, max_bytes: int, policy: Any = None) -> bytes:
+    """The bytes behind a media reference, at most ``max_bytes`` of them, as the source policy
+    allows (avatarflow.sources; default: the safe default policy: https URLs of public hosts
+    through the network guard, data: URIs; no local path, no s3:// outside an archive).
 
-    ``ref`` is an http(s) URL (streamed with a timeout, stopped past the cap), a local path or a
-    ``file://`` URL, an ``s3://bucket/key`` URI (read with ``s3_client.get_object``) or a
-    ``data:`` URI. Raises :class:`MediaError` naming ``field`` and ``ref``.
-    """
-    if not isinstance(ref, str) or not ref.strip():
-        raise MediaError(field, "is empty", value=ref, allowed=SOURCES_ALLOWED)
-    ref = ref.strip()
-    m = _SCHEME.match(ref)
-    scheme = m.group(1).lower() if m and len(m.group(1)) > 1 else ""  # 'C:' is a drive letter
-    if scheme in ("http", "https"):
-        return _read_http(ref, field, max_bytes)
-    if scheme == "data":
-        return _read_data_uri(ref, field, max_bytes)
-    if scheme == "s3":
-        return _read_s3(ref, field, s3_client, max_bytes)
-    if scheme == "file":
-        parsed = urllib.parse.urlparse(ref)
-        if parsed.netloc not in ("", "localhost"):
-            raise MediaError(field, f"file:// URL names a remote host {parsed.netloc!r}", value=ref,
-                             allowed="file:///absolute/path")
-        return _read_path(Path(urllib.request.url2pathname(parsed.path)), ref, field, max_bytes)
-    if scheme:
-        raise MediaError(field, f"unsupported scheme '{scheme}:'", value=ref, allowed=SOURCES_ALLOWED)
-    return _read_path(Path(ref).expanduser(), ref, field, max_bytes)
+    Raises :class:`MediaError` naming ``field`` and the rule broken."""
+    from avatarflow import sources
 
-
-def _too_large(field: str, ref: str, size: int | None, max_bytes: int) -> MediaError:
-    got = f" ({_size(size)})" if size is not None else ""
-    return MediaError(field, f"is too large{got}", value=ref, allowed=f"at most {_size(max_bytes)}")
-
-
-def _read_path(path: Path, ref: str, field: str, max_bytes: int) -> bytes:
-    try:
-        if not path.exists():
-            raise MediaError(field, "no such file", value=ref, allowed=SOURCES_ALLOWED)
-        if path.is_dir():
-            raise MediaError(field, "is a directory, not a file", value=ref, allowed=SOURCES_ALLOWED)
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise _too_large(field, ref, size, max_bytes)
-        with path.open("rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except PermissionError:
-        raise MediaError(field, "is not readable (permission denied)", value=ref) from None
-    except OSError as e:
-        raise MediaError(field, f"could not be read: {e.strerror or e}", value=ref) from None
-    if len(data) > max_bytes:
-        raise _too_large(field, ref, None, max_bytes)
-    return data
-
-
-def _read_data_uri(ref: str, field: str, max_bytes: int) -> bytes:
-    head, sep, payload = ref.partition(",")
-    if not sep:
-        raise MediaError(field, "is a malformed data: URI (no comma)", value=ref,
-                         allowed="data:<type>;base64,<data>")
-    if head.lower().endswith(";base64"):
-        if len(payload) * 3 // 4 > max_bytes + 3:
-            raise _too_large(field, ref, len(payload) * 3 // 4, max_bytes)
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise MediaError(field, "data: URI has invalid base64", value=ref) from None
-    else:
-        data = urllib.parse.unquote_to_bytes(payload)
-    if len(data) > max_bytes:
-        raise _too_large(field, ref, len(data), max_bytes)
-    return data
-
-
-def _read_http(ref: str, field: str, max_bytes: int) -> bytes:
-    import httpx
-
-    timeout = httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)
-    try:
-        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
-            with client.stream("GET", ref, headers={"Accept": "*/*"}) as resp:
-                if resp.status_code == 404 or resp.status_code == 410:
-                    raise MediaError(field, f"not found (HTTP {resp.status_code})", value=ref)
-                if resp.status_code >= 400:
-                    transient = resp.status_code >= 500 or resp.status_code in (408, 429)
-                    raise MediaError(field, f"could not be fetched (HTTP {resp.status_code})",
-                                     value=ref, transient=transient)
-                length = resp.headers.get("content-length")
-                if length and length.isdigit() and int(length) > max_bytes:
-                    raise _too_large(field, ref, int(length), max_bytes)
-                buf = bytearray()
-                for chunk in resp.iter_bytes():
-                    buf += chunk
-                    if len(buf) > max_bytes:
-                        raise _too_large(field, ref, None, max_bytes)
-                return bytes(buf)
-    except httpx.TimeoutException:
-        raise MediaError(field, f"timed out after {HTTP_TIMEOUT_S:g} s", value=ref,
-                         transient=True) from None
-    except httpx.HTTPError as e:
-        raise MediaError(field, f"could not be fetched ({type(e).__name__}: {e})", value=ref,
-                         transient=True) from None
-
-
-def _read_s3(ref: str, field: str, s3_client: Any, max_bytes: int) -> bytes:
-    parsed = urllib.parse.urlparse(ref)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if not bucket or not key:
-        raise MediaError(field, "is not a full S3 URI", value=ref, allowed="s3://bucket/key")
-    if s3_client is None:
-        raise MediaError(field, "is an s3:// URI but no S3 client is configured", value=ref)
-    try:
-        obj = s3_client.get_object(Bucket=bucket, Key=key)
-    except Exception as e:  # botocore.exceptions.ClientError and friends
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket"):
-            what = "bucket" if code == "NoSuchBucket" else "object"
-            raise MediaError(field, f"no such S3 {what}", value=ref) from None
-        if code in ("AccessDenied", "403"):
-            raise MediaError(field, "access denied by S3", value=ref) from None
-        raise MediaError(field, f"could not be read from S3 ({type(e).__name__}: {e})", value=ref,
-                         transient=True) from None
-    length = obj.get("ContentLength")
-    body = obj["Body"]
-    try:
-        if isinstance(length, int) and length > max_bytes:
-            raise _too_large(field, ref, length, max_bytes)
-        buf = bytearray()
-        while chunk := body.read(1024 * 1024):
-            buf += chunk
-            if len(buf) > max_bytes:
-                raise _too_large(field, ref, None, max_bytes)
-        return bytes(buf)
-    finally:
-        close = getattr(body, "close", None)
-        if close:
-            close()
+    return sources.read_source(ref, field=field, policy=policy, s3_client=s3_client, max_bytes=max_bytes)
 
 
 # ---- portrait -----------------------------------------------------------------------------------

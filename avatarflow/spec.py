@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
@@ -16,14 +18,47 @@ PRESET_FIELDS = (
 SOURCE_SCHEMES = ("http://", "https://", "s3://", "file://", "data:")
 
 
+SOURCE_MAX_CHARS = 64 * 1024 * 1024   # a data: URI of the largest media (50 MB as base64), with room
+TEMPLATE_FIELDS_MAX_CHARS = 64 * 1024  # template_fields as JSON
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
+
+
 def _check_source(field: str, value: Any) -> Any:
+    """A source's shape (the source policy decides, when it is fetched, whether it may be read)."""
     if value in (None, "") and field == "audio":
         return None
     if not isinstance(value, str) or not value.strip():
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
         raise ValueError(
-            f"{field}={value!r} is required: a URL, a local path, an s3:// URI or a data: URI"
+            f"{field}={shown} is required: a URL, a local path, an s3:// URI or a data: URI"
         )
-    return value.strip()
+    if len(value) > SOURCE_MAX_CHARS:
+        raise ValueError(f"{field} is too long ({len(value)} characters); allowed: at most {SOURCE_MAX_CHARS}")
+    if "\x00" in value:
+        raise ValueError(f"{field} contains a NUL character; allowed: a URL, a path, an s3:// URI or a data: URI")
+    value = value.strip()
+    m = _SCHEME.match(value)
+    if m and len(m.group(1)) > 1 and m.group(1).lower() not in ("http", "https", "s3", "file", "data"):
+        raise ValueError(
+            f"{field} has an unsupported scheme '{m.group(1).lower()}:'; allowed: https://, s3://, data:, "
+            "or (where the operator allows it) a local path, file:// or http://"
+        )
+    return value
+
+
+def _check_fields(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("template_fields is not an object of NAME: value")
+    try:
+        size = len(json.dumps(value, default=str))
+    except (TypeError, ValueError):
+        raise ValueError("template_fields holds values that are not plain data") from None
+    if size > TEMPLATE_FIELDS_MAX_CHARS:
+        raise ValueError(f"template_fields is too large ({size} characters as JSON); "
+                         f"allowed: at most {TEMPLATE_FIELDS_MAX_CHARS}")
+    return value
 
 
 class VideoRequest(AvatarRequest):
@@ -58,6 +93,11 @@ class VideoRequest(AvatarRequest):
     @classmethod
     def _audio(cls, v: Any) -> Any:
         return _check_source("audio", v)
+
+    @field_validator("template_fields", mode="before")
+    @classmethod
+    def _fields(cls, v: Any) -> Any:
+        return _check_fields(v)
 
     def with_preset(self, preset: dict[str, Any]) -> VideoRequest:
         """Preset values for the look fields this request did not set itself."""

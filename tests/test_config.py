@@ -1,0 +1,150 @@
+"""avatarflow.config: the one reader of the environment, and the client that takes explicit values."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from avatarflow import config, settings
+from avatarflow.client import DEFAULT_BASE_URL, DEFAULT_HISTORY_URL, SegmindClient
+from avatarflow.sources import SourcePolicy, policy_from_env
+
+VARS = ("SEGMIND_API_KEY", "SEGMIND_BASE_URL", "SEGMIND_HISTORY_URL", "AVATARFLOW_BACKEND",
+        "AVATARFLOW_S3_BUCKET", "AVATARFLOW_S3_ENDPOINT_URL", "AVATARFLOW_S3_PREFIX", "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AVATARFLOW_HOME")
+
+
+@pytest.fixture
+def env(monkeypatch, tmp_path):
+    for v in VARS:
+        monkeypatch.delenv(v, raising=False)
+    for v in list(os.environ):
+        if v.startswith("AVATARFLOW_SOURCES_"):
+            monkeypatch.delenv(v)
+    monkeypatch.setenv("AVATARFLOW_HOME", str(tmp_path / "no-services"))
+    return monkeypatch
+
+
+def test_settings_is_a_reexport_of_config():
+    assert settings.api_settings is config.api_settings and settings.ArchiveSettings is config.ArchiveSettings
+    assert settings.NotConfigured is config.NotConfigured and settings.local_services is config.local_services
+
+
+def test_api_settings_from_the_environment(env):
+    with pytest.raises(config.NotConfigured, match="local API is not running"):
+        config.api_settings()
+    with pytest.raises(config.NotConfigured, match="needs SEGMIND_API_KEY"):
+        config.api_settings("segmind")
+    with pytest.raises(config.NotConfigured, match="allowed: segmind, local"):
+        config.api_settings("vendor-x")
+    env.setenv("SEGMIND_API_KEY", "sk-1")
+    env.setenv("SEGMIND_BASE_URL", "")  # empty counts as unset
+    a = config.api_settings()
+    assert (a.backend, a.base_url, a.history_url, a.api_key) == ("segmind", DEFAULT_BASE_URL, None, "sk-1")
+    assert "sk-1" not in repr(a) and "sk-1" not in repr(config.environment())
+    env.setenv("SEGMIND_BASE_URL", "https://proxy.example.com")
+    env.setenv("SEGMIND_HISTORY_URL", "https://history.example.com")
+    a = config.api_settings()
+    assert (a.base_url, a.history_url) == ("https://proxy.example.com", "https://history.example.com")
+    env.setenv("AVATARFLOW_BACKEND", "local")
+    with pytest.raises(config.NotConfigured):
+        config.api_settings()
+    assert config.default_backend() == "local"
+
+
+def test_archive_settings_from_the_environment(env):
+    with pytest.raises(config.NotConfigured, match="AVATARFLOW_S3_BUCKET"):
+        config.archive_settings()
+    env.setenv("AVATARFLOW_S3_BUCKET", "b1")
+    env.setenv("AVATARFLOW_S3_PREFIX", "team")
+    env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    env.setenv("AWS_ACCESS_KEY_ID", "AK")
+    env.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    a = config.archive_settings()
+    assert (a.bucket, a.prefix, a.region, a.access_key, a.secret_key, a.endpoint_url) == (
+        "b1", "team", "eu-west-1", "AK", "SK", None)
+    assert "SK" not in repr(a)
+    env.setenv("AWS_REGION", "us-west-2")
+    assert config.archive_settings().region == "us-west-2"
+
+
+def test_source_settings_defaults_are_the_safe_ones(env):
+    s = config.source_settings()
+    assert s.local_roots == [] and s.s3_allow == [] and s.allow_hosts == [] and s.block is None
+    assert s.allow_data is True and s.allow_http is False and s.max_redirects == 5 and s.fetch_timeout_s == 30
+    p = policy_from_env()
+    assert p.local_roots == () and p.archive is None and p.service_hosts == ()
+    assert p == SourcePolicy()
+
+
+def test_source_settings_parse_lists(env, tmp_path):
+    env.setenv("AVATARFLOW_SOURCES_LOCAL_ROOTS", f"{tmp_path}/a{os.pathsep}{tmp_path}/b,{tmp_path}/c/../d")
+    env.setenv("AVATARFLOW_SOURCES_S3_ALLOW", "s3://media/, shared/portraits/")
+    env.setenv("AVATARFLOW_SOURCES_ALLOW_HOSTS", "127.0.0.1:8080, Media.Internal")
+    env.setenv("AVATARFLOW_SOURCES_ALLOW_HTTP", "true")
+    env.setenv("AVATARFLOW_SOURCES_FETCH_TIMEOUT_S", "5")
+    env.setenv("AVATARFLOW_SOURCES_MAX_REDIRECTS", "2")
+    s = config.source_settings()
+    assert s.local_roots == [f"{tmp_path}/a", f"{tmp_path}/b", f"{tmp_path}/d"]
+    assert s.s3_allow == ["media", "shared/portraits"]
+    assert s.allow_hosts == ["127.0.0.1:8080", "media.internal"]
+    assert s.allow_http and s.fetch_timeout_s == 5 and s.max_redirects == 2
+    env.setenv("AVATARFLOW_SOURCES_S3_ALLOW", '["a", "b/c"]')
+    assert config.source_settings().s3_allow == ["a", "b/c"]
+    p = policy_from_env()
+    assert p.allow_http and p.guard().timeout_s == 5 and p.guard().exempt("media.internal", 443)
+    assert p.guard().exempt("127.0.0.1", 8080) and not p.guard().exempt("127.0.0.1", 8081)
+
+
+@pytest.mark.parametrize("var,value", [
+    ("AVATARFLOW_SOURCES_LOCAL_ROOTS", "relative/dir"),
+    ("AVATARFLOW_SOURCES_S3_ALLOW", ".."),
+    ("AVATARFLOW_SOURCES_MAX_REDIRECTS", "100"),
+    ("AVATARFLOW_SOURCES_FETCH_TIMEOUT_S", "0"),
+    ("AVATARFLOW_SOURCES_ALLOW_HTTP", "perhaps"),
+])
+def test_bad_source_settings_are_refused(env, var, value):
+    env.setenv(var, value)
+    with pytest.raises(ValueError):
+        config.source_settings()
+
+
+def test_local_service_hosts_are_loopback_only(env):
+    env.setenv("AVATARFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:8333")
+    env.setenv("SEGMIND_BASE_URL", "https://api.segmind.com")
+    assert config.local_service_hosts() == ["127.0.0.1:8333"]
+    assert config.local_service_hosts("http://localhost:9000/") == ["localhost:9000", "127.0.0.1:8333"]
+    env.setenv("SEGMIND_BASE_URL", "http://[::1]:7000")
+    assert "[::1]:7000" in config.local_service_hosts()
+    assert config.host_port("https://x.example.com") == "x.example.com:443"
+    assert config.is_loopback_host("127.9.9.9") and not config.is_loopback_host("10.0.0.1")
+
+
+def test_client_takes_explicit_values_only(env):
+    env.setenv("SEGMIND_API_KEY", "from-env")
+    env.setenv("SEGMIND_BASE_URL", "https://env.example.com")
+    c = SegmindClient()
+    assert c.base_url == DEFAULT_BASE_URL and c.history_url == DEFAULT_HISTORY_URL and c._api_key == ""
+    c = SegmindClient("k", "https://api.example.com/")
+    assert c.base_url == "https://api.example.com" and c.history_url == "https://api.example.com"
+
+
+@pytest.mark.parametrize("base,history,ok", [
+    ("https://api.example.com", None, True),
+    ("http://127.0.0.1:9000", None, True),
+    ("http://localhost:9000", None, True),
+    ("http://[::1]:9000", None, True),
+    ("http://api.example.com", None, False),
+    ("http://10.0.0.5", None, False),
+    ("https://api.example.com", "http://history.example.com", False),
+    ("ftp://api.example.com", None, False),
+])
+def test_client_refuses_to_send_the_key_over_plain_http(base, history, ok):
+    if ok:
+        SegmindClient("k", base, history)
+    else:
+        with pytest.raises(ValueError) as info:
+            SegmindClient("k", base, history)
+        assert "k" != str(info.value) and ("http" in str(info.value))
+    SegmindClient("", base if base.startswith("http") else "https://x.example.com")  # no key: nothing to protect
