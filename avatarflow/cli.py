@@ -185,7 +185,7 @@ def _safe(fn: Any) -> Any:
 
 
 def _finish(result: dict[str, Any], output: Path | None, as_json: bool) -> None:
-    from avatarflow.jobs import download_copy
+    from avatarflow.pipeline import download_copy
 
     local_copy = download_copy(result["presigned_url"], output) if output else None
     if as_json:
@@ -202,21 +202,11 @@ def resume(
     output: Optional[Path] = typer.Option(None, help="Also save a local copy here."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Poll a known request until it completes, then archive it (no new submit)."""
-    from avatarflow.jobs import resume_request
-    from avatarflow.settings import api_settings, archive_settings
-    from avatarflow.store import Store
-
-    async def go() -> dict[str, Any]:
-        a = archive_settings()
-        api = api_settings(backend)
-        async with api.client() as client:
-            return await resume_request(
-                client, Store(a.s3(), a.bucket, a.prefix), request_id,
-                expected_s=expected_seconds or api.expected_seconds, backend=api.backend,
-            )
-
-    _finish(_safe(lambda: asyncio.run(go())), output, as_json)
+    """Poll a known request until it completes, then archive it (no new submit): runs the
+    avatar_resume flow, so the resume is a flow run like any other."""
+    flow = load_flow("avatar_resume")
+    params = {"request_id": request_id, "backend": backend, "expected_seconds": expected_seconds}
+    _finish(_safe(lambda: asyncio.run(flow(**params))), output, as_json)
 
 
 @app.command()

@@ -146,17 +146,17 @@ class Ledger:
     """The exactly-once protocol over a Store's `ledger/` folder (and its request-id index)."""
 
     def __init__(
-        self, store: Store, *, lease_s: float = LEASE_S, follow_interval_s: float = FOLLOW_INTERVAL_S,
-        reconcile_tries: int = RECONCILE_TRIES, reconcile_interval_s: float = RECONCILE_INTERVAL_S,
+        self, store: Store, *, lease_s: float | None = None, follow_interval_s: float | None = None,
+        reconcile_tries: int | None = None, reconcile_interval_s: float | None = None,
         require_conditional: bool = True, owner: str | None = None, clock: Callable[[], float] = time.time,
     ):
-        """`require_conditional=False` lets a single worker run on a store that ignores
-        conditional writes (the probe then only warns)."""
+        """Unset timings take the module's constants. `require_conditional=False` lets a single
+        worker run on a store that ignores conditional writes (the probe then only warns)."""
         self.store = store
-        self.lease_s = lease_s
-        self.follow_interval_s = follow_interval_s
-        self.reconcile_tries = reconcile_tries
-        self.reconcile_interval_s = reconcile_interval_s
+        self.lease_s = lease_s or LEASE_S
+        self.follow_interval_s = follow_interval_s or FOLLOW_INTERVAL_S
+        self.reconcile_tries = reconcile_tries or RECONCILE_TRIES
+        self.reconcile_interval_s = reconcile_interval_s or RECONCILE_INTERVAL_S
         self.require_conditional = require_conditional
         self.owner = owner or default_owner()
         self.clock = clock

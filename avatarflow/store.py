@@ -61,6 +61,9 @@ class Store:
     def manifest_key(self, fingerprint: str) -> str:
         return archive.manifest_key(self.video_key(fingerprint))
 
+    def thumbnail_key(self, fingerprint: str) -> str:
+        return self.key("videos", fingerprint, "thumbnail.jpg")
+
     def input_key(self, sha256: str, ext: str) -> str:
         return self.key("inputs", f"{sha256}.{ext}")
 
@@ -98,11 +101,28 @@ class Store:
             archive.stage_bytes, self.s3, self.bucket, self.input_key(sha256, ext), data, content_type
         )
 
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self.s3.put_object, Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    async def upload_stream(
+        self, chunks: Any, key: str, content_type: str, metadata: dict[str, str]
+    ) -> archive.StoredObject:
+        """Stream an async byte iterator to `key` (multipart, sha256 on the fly); nothing appears
+        at `key` unless the whole stream landed."""
+        return await archive.archive_stream(
+            chunks, s3=self.s3, bucket=self.bucket, key=key, content_type=content_type, metadata=metadata
+        )
+
+    async def verify(self, stored: archive.StoredObject, probe: Any = None) -> archive.Verification:
+        """Read back what landed (size, sha256, `probe(path)`); a bad object is deleted."""
+        return await archive.verify_async(self.s3, stored, probe=probe)
+
     async def cached(self, fingerprint: str) -> dict | None:
-        """The manifest of an archived video for this fingerprint, if the video is there too.
+        """The manifest of an archived video for this fingerprint, if the video is there too with
+        the size and the sha256 the manifest records.
 
         The manifest is written last, after the video is verified: its presence marks a complete
-        archive."""
+        archive; the object's sha256 (set when it was verified) must still match it."""
         manifest = await self.get_json(self.manifest_key(fingerprint))
         if manifest is None:
             return None
@@ -112,7 +132,9 @@ class Store:
             )
         except Exception:
             return None
-        if head.get("ContentLength") != manifest.get("video", {}).get("size"):
+        video = manifest.get("video", {})
+        sha = (head.get("Metadata") or {}).get(archive.SHA256_META)
+        if head.get("ContentLength") != video.get("size") or not sha or sha != video.get("sha256"):
             return None
         return manifest
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -12,15 +13,13 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from avatarflow import settings
-from avatarflow.jobs import Archived, VideoResult, plan_job
+from avatarflow import progress, settings
+from avatarflow.client import PollEvent
+from avatarflow.ledger import Ledger
+from avatarflow.pipeline import Archived, Context, VideoResult, make_video, shown_source
 from avatarflow.spec import VideoRequest
-from avatarflow.store import Store, exclusive
-from tasks.archive import archive_task, cache_lookup_task
-from tasks.poll import poll_task
-from tasks.portrait import portrait_task
-from tasks.speech import speech_task
-from tasks.submit import submit_task
+from avatarflow.store import Store
+from tasks.steps import TaskSteps
 
 
 def _run_name() -> str:
@@ -103,6 +102,48 @@ async def _report(result: VideoResult, archived: Archived) -> None:
     )
 
 
+@asynccontextmanager
+async def pipeline_context(
+    credentials_block: str | None, archive_block: str | None, backend: str | None, rate_limit: str | None,
+    expected_seconds: float | None = None,
+) -> AsyncIterator[Context]:
+    """The pipeline's context for a flow run: API and archive resolved, the run's logger."""
+    logger = get_run_logger()
+    api, store = await resolve(credentials_block, archive_block, backend)
+
+    def on_status(event: PollEvent) -> None:
+        logger.info("request %s: %s after %.1f s (poll %d)", event.request_id, event.status, event.elapsed_s, event.polls)
+        progress.publish(event)
+
+    async with api.client(limiter=_limiter(rate_limit)) as client:
+        yield Context(
+            client=client, store=store, ledger=Ledger(store), backend=api.backend,
+            expected_seconds=expected_seconds or api.expected_seconds, log=logger.info, on_status=on_status,
+        )
+
+
+async def finish_run(make: Callable[[Context], Awaitable[tuple[VideoResult, Archived]]], ctx: Context,
+                     source: str | None) -> dict[str, Any]:
+    """Run the chain, report it (artifacts, an event) and return the result as a dict."""
+    try:
+        result, archived = await make(ctx)
+    except Exception as e:
+        fingerprint = ctx.plan.fingerprint if ctx.plan else "unplanned"
+        emit_event(
+            event="avatarflow.video.failed",
+            resource={"prefect.resource.id": f"avatarflow.video.{fingerprint}"},
+            payload={"error": str(e), "error_type": type(e).__name__, "image": shown_source(source)},
+        )
+        raise
+    await _report(result, archived)
+    emit_event(
+        event="avatarflow.video.archived",
+        resource={"prefect.resource.id": f"avatarflow.video.{result.fingerprint}", "avatarflow.s3_uri": result.s3_uri},
+        payload=result.model_dump(exclude={"presigned_url", "thumbnail_url"}),
+    )
+    return result.model_dump()
+
+
 @flow(name="avatar_video", flow_run_name=_run_name, persist_result=False)
 async def avatar_video(
     request: VideoRequest,
@@ -116,54 +157,6 @@ async def avatar_video(
 
     `rate_limit` names a Prefect global concurrency limit with slot decay that every API
     request takes a slot of: the account's request rate, held across all workers."""
-    logger = get_run_logger()
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        now = time.perf_counter()
-        timings[name] = now - t
-        t = now
-
-    fingerprint = None
-    try:
-        request = await _apply_preset(request)
-        api, store = await resolve(credentials_block, archive_block, backend)
-        async with api.client(limiter=_limiter(rate_limit)) as client:
-            speech = await speech_task(request, store)
-            lap("speech")
-            portrait = await portrait_task(request, store)
-            lap("portrait")
-            plan = plan_job(request, speech, portrait)
-            fingerprint = plan.fingerprint
-            logger.info("fingerprint %s, seed %s%s", plan.fingerprint, plan.seed, " (random)" if plan.seed_random else "")
-            async with exclusive(plan.fingerprint):
-                archived = await cache_lookup_task(store, plan)
-                lap("cache_lookup")
-                cache_hit = archived is not None
-                if archived is None:
-                    job = await submit_task(client, store, plan)
-                    lap("submit")
-                    job, finished = await poll_task(
-                        client, store, plan, job, request.expected_seconds or api.expected_seconds,
-                        request.resubmit_expired,
-                    )
-                    lap("poll")
-                    archived = await archive_task(client, store, request, plan, finished, dict(timings), api.backend)
-                    lap("archive")
-        result = VideoResult.of(archived, plan, cache_hit=cache_hit, timings=timings)
-        await _report(result, archived)
-        emit_event(
-            event="avatarflow.video.archived",
-            resource={"prefect.resource.id": f"avatarflow.video.{plan.fingerprint}", "avatarflow.s3_uri": result.s3_uri},
-            payload=result.model_dump(exclude={"presigned_url", "thumbnail_url"}),
-        )
-        return result.model_dump()
-    except Exception as e:
-        emit_event(
-            event="avatarflow.video.failed",
-            resource={"prefect.resource.id": f"avatarflow.video.{fingerprint or 'unplanned'}"},
-            payload={"error": str(e), "error_type": type(e).__name__, "image": request.image},
-        )
-        raise
+    request = await _apply_preset(request)
+    async with pipeline_context(credentials_block, archive_block, backend, rate_limit, request.expected_seconds) as ctx:
+        return await finish_run(lambda c: make_video(c, request, TaskSteps()), ctx, request.image)

@@ -3,6 +3,8 @@ environment pointed at the real local API and the real SeaweedFS."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -14,9 +16,13 @@ def prefect_harness():
         yield
 
 
-def pipeline_variables(local_api, s3_settings, prefix: str) -> dict[str, str]:
-    """avatarflow.settings' variables: the local API as the vendor, the test S3 as archive."""
+def pipeline_variables(local_api, s3_settings, prefix: str, local_roots: tuple[str, ...] = ()) -> dict[str, str]:
+    """The pipeline's variables: the local API as the vendor, the test S3 as archive, and local
+    paths readable under the bundled assets and `local_roots` (an operator's setting)."""
+    from tests.fixtures_media import ASSETS
+
     return {
+        "AVATARFLOW_SOURCES_LOCAL_ROOTS": os.pathsep.join((str(ASSETS), *local_roots)),
         "SEGMIND_API_KEY": local_api.api_key,
         "SEGMIND_BASE_URL": local_api.base_url,
         "AVATARFLOW_S3_BUCKET": s3_settings["bucket"],
@@ -29,8 +35,10 @@ def pipeline_variables(local_api, s3_settings, prefix: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix):
-    """The pipeline's environment with a key prefix of this test's own. Yields the prefix."""
-    for k, v in pipeline_variables(local_api, s3_settings, s3_prefix).items():
+def pipeline_env(monkeypatch, prefect_harness, local_api, s3_settings, s3_prefix, tmp_path_factory):
+    """The pipeline's environment with a key prefix of this test's own, local paths readable
+    under the test session's temporary directory. Yields the prefix."""
+    roots = (str(tmp_path_factory.getbasetemp()),)
+    for k, v in pipeline_variables(local_api, s3_settings, s3_prefix, roots).items():
         monkeypatch.setenv(k, v)
     return s3_prefix

@@ -228,7 +228,7 @@ def test_expired_record_is_archived_through_the_history(short_retention_api, req
 
 
 def test_expired_request_with_its_output_gone_needs_the_flag(short_retention_api, request_args):
-    from avatarflow.jobs import JobExpired
+    from avatarflow.pipeline import JobExpired
 
     def delete_outputs(event):
         for f in short_retention_api.data_dir.glob("*.mp4"):
@@ -268,15 +268,15 @@ def test_run_leaves_artifacts(api, pipeline_env, request_args):
 def test_unresolved_submit_is_taken_over_only_once_stale_and_absent_from_history(
     api, pipeline_env, request_args, monkeypatch
 ):
-    from avatarflow import jobs
+    from avatarflow import ledger
 
-    monkeypatch.setattr(jobs, "RECONCILE_INTERVAL_S", 0.1)
+    monkeypatch.setattr(ledger, "RECONCILE_INTERVAL_S", 0.1)
     api.set_faults({"submit": {"502": 1.0}, "count": 1})
     jobs_before = len(api.stats()["jobs"])
-    with pytest.raises(jobs.SubmitUnresolved, match="history shows no job"):
+    with pytest.raises(ledger.SubmitUnresolved, match="history shows no job"):
         run(**request_args, seed=5150)
     assert len(api.stats()["jobs"]) == jobs_before, "the 502 created no job"
-    monkeypatch.setattr(jobs, "CLAIM_STALE_S", 0.5)
-    time.sleep(0.6)
+    monkeypatch.setattr(ledger, "LEASE_S", 0.5)
+    time.sleep(1.1)
     out = run(**request_args, seed=5150)
     assert out["s3_uri"] and len(api.stats()["jobs"]) == jobs_before + 1

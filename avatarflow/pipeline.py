@@ -1,0 +1,406 @@
+"""One video's chain, without Prefect: speech, portrait, plan, cache look-up, exactly-once
+submit, wait, archive. `make_video` and `resume_video` are the only places the steps are
+chained; a flow hands them `Steps` whose methods are its Prefect tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from pydantic import BaseModel, Field
+
+from avatarflow import media
+from avatarflow.client import DEADLINE_FACTOR, PollEvent, SegmindClient, poll_offsets
+from avatarflow.contract import MODEL_SLUG, AvatarRequest, Metrics, check_request_id
+from avatarflow.errors import AvatarflowError, DeadlineExceeded, JobFailed, NotFound
+from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
+from avatarflow.inputs import PortraitInput, SpeechInput, prepare_portrait, prepare_speech
+from avatarflow.ledger import FAILED, COMPLETED, Job, Ledger
+from avatarflow.spec import VideoRequest
+from avatarflow.store import Store, exclusive
+
+DOWNLOAD_CHUNK = 1 << 20
+PRESIGN_EXPIRES_S = 24 * 3600
+THUMBNAIL_AT_S = 0.5
+RESUME_MAX_BYTES = 50 << 20
+
+Log = Callable[[str], Any]
+OnStatus = Callable[[PollEvent], Awaitable[None] | None]
+
+
+class JobExpired(AvatarflowError):
+    """The request record expired (404) and its output can no longer be fetched."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The body to send and the key it is known by."""
+
+    request: AvatarRequest
+    fingerprint: str
+    seed: int
+    seed_random: bool
+    image_sha256: str
+    audio_sha256: str | None
+
+    def record(self) -> dict[str, Any]:
+        """What the ledger keeps beside the body, so another machine can resume the request."""
+        return {"seed": self.seed, "seed_random": self.seed_random,
+                "image_sha256": self.image_sha256, "audio_sha256": self.audio_sha256}
+
+
+@dataclass(frozen=True)
+class Finished:
+    request_id: str
+    output_url: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    via: str = "result"
+
+
+@dataclass(frozen=True)
+class Archived:
+    s3_uri: str
+    manifest_uri: str
+    presigned_url: str
+    thumbnail_url: str | None
+    size: int
+    sha256: str
+    manifest: dict[str, Any]
+
+
+class VideoResult(BaseModel):
+    """What a run returns: where the video is and how it was made."""
+
+    s3_uri: str
+    presigned_url: str
+    manifest_uri: str
+    thumbnail_url: str | None = None
+    request_id: str
+    fingerprint: str
+    seed: int
+    seed_random: bool
+    cache_hit: bool
+    cost: float | None = None
+    size: int
+    sha256: str
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, archived: Archived, plan: Plan, *, cache_hit: bool, timings: dict[str, float]) -> VideoResult:
+        return cls(
+            s3_uri=archived.s3_uri, presigned_url=archived.presigned_url, manifest_uri=archived.manifest_uri,
+            thumbnail_url=archived.thumbnail_url, request_id=archived.manifest["request_id"],
+            fingerprint=plan.fingerprint, seed=plan.seed, seed_random=plan.seed_random, cache_hit=cache_hit,
+            cost=archived.manifest.get("cost"), size=archived.size, sha256=archived.sha256,
+            timings={k: round(v, 3) for k, v in timings.items()},
+        )
+
+
+@dataclass
+class Context:
+    """What every step needs: the API, the archive, its ledger, and how to report."""
+
+    client: SegmindClient
+    store: Store
+    ledger: Ledger
+    backend: str
+    expected_seconds: float
+    log: Log = print
+    on_status: OnStatus | None = None
+    plan: Plan | None = None  # set once known, for the caller's failure report
+
+
+def plan_job(video: VideoRequest, speech: SpeechInput, portrait: PortraitInput) -> Plan:
+    """Choose the seed (random when none or -1: recorded, never a cache hit) and fingerprint."""
+    seed_random = video.random_seed
+    seed = random_seed() if seed_random else int(video.seed)
+    request = video.api_request(portrait.url, speech.audio_url, speech.voice_script, seed)
+    fp = fingerprint(request, image_sha256=portrait.sha256, audio_sha256=speech.audio_sha256)
+    return Plan(request, fp, seed, seed_random, portrait.sha256, speech.audio_sha256)
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def shown_source(source: str | None) -> str | None:
+    """A source as records may show it: no query string (a presigned signature), no data: body."""
+    if not source:
+        return source
+    if source.startswith("data:"):
+        return source[:40] + "...(data URI)"
+    parts = urllib.parse.urlsplit(source)
+    if parts.query or parts.fragment or parts.password:
+        netloc = parts.hostname or ""
+        return urllib.parse.urlunsplit((parts.scheme, netloc + (f":{parts.port}" if parts.port else ""),
+                                        parts.path, "", ""))
+    return source
+
+
+async def _output_alive(client: SegmindClient, url: str) -> bool:
+    try:
+        async with client.stream_output(url):
+            return True
+    except Exception:
+        return False
+
+
+async def wait_job(ctx: Context, plan: Plan, job: Job, *, resubmit_expired: bool = False) -> tuple[Job, Finished]:
+    """Poll until COMPLETED. FAILED raises JobFailed (final). An expired record (404) is followed
+    in the history; only if its output is gone and `resubmit_expired` is set, a new job."""
+    try:
+        result = await ctx.client.wait(
+            job.request_id, submitted_at=job.submitted_at, expected_s=ctx.expected_seconds, on_status=ctx.on_status
+        )
+    except JobFailed as e:
+        await ctx.ledger.mark(plan.fingerprint, FAILED, error=e.error, request_id=job.request_id)
+        raise
+    except NotFound:
+        return await _wait_history(ctx, plan, job, resubmit_expired=resubmit_expired)
+    if not result.output_url:
+        raise JobFailed(f"COMPLETED without an output URL: {result.model_dump()}", request_id=job.request_id)
+    metrics = (result.metrics or Metrics()).model_dump(exclude_none=True)
+    return job, Finished(job.request_id, result.output_url, metrics)
+
+
+async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired: bool) -> tuple[Job, Finished]:
+    """The request record is gone (404): follow the job in the request history, which keeps
+    every request at any age, on the same schedule and deadline as the status polling."""
+    client = ctx.client
+    ctx.log(f"request {job.request_id}: record expired (404); following it in the request history")
+    deadline = job.submitted_at + DEADLINE_FACTOR * ctx.expected_seconds
+    offsets = poll_offsets(ctx.expected_seconds)
+    while True:
+        row = await client.history(job.request_id)
+        state = (row.state or "").upper()
+        if ctx.on_status is not None:
+            maybe = ctx.on_status(PollEvent(job.request_id, state or "UNKNOWN", time.time() - job.submitted_at, 0))
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        if state == "FAILED":
+            await ctx.ledger.mark(plan.fingerprint, FAILED, error=row.error, request_id=job.request_id)
+            raise JobFailed(row.error or "FAILED", request_id=job.request_id)
+        if state == "COMPLETED":
+            break
+        if time.time() >= deadline:
+            raise DeadlineExceeded(job.request_id, time.time() - job.submitted_at, state)
+        target = next(offsets)
+        while job.submitted_at + target < time.time():
+            target = next(offsets)
+        await asyncio.sleep(min(job.submitted_at + target, deadline) - time.time())
+    if row.output_url and await _output_alive(client, row.output_url):
+        ctx.log(f"request {job.request_id}: output found through the history")
+        metrics = {"cost": row.credits_deduction, "total_time": (row.latency_ms or 0) / 1000 or None}
+        return job, Finished(job.request_id, row.output_url, metrics, via="history")
+    if not resubmit_expired:
+        raise JobExpired(
+            f"request {job.request_id} completed but its record expired and its output is gone; "
+            "rerun with resubmit_expired=True to pay for a new job"
+        )
+    ctx.log(f"request {job.request_id}: output gone; submitting a new job (resubmit_expired)")
+    new_job = await ctx.ledger.submit(
+        client, plan.fingerprint, plan.request, record=plan.record(), replace_request=job.request_id, log=ctx.log
+    )
+    return await wait_job(ctx, plan, new_job)
+
+
+def manifest_of(
+    video: VideoRequest, plan: Plan, finished: Finished, stored: Any, probe: media.VideoProbe,
+    *, timings: dict[str, float], backend: str,
+) -> dict[str, Any]:
+    """Everything about one archived video; no key, no presigned signature."""
+    return {
+        "model": MODEL_SLUG,
+        "fingerprint": plan.fingerprint,
+        "request_id": finished.request_id,
+        "seed": plan.seed,
+        "seed_random": plan.seed_random,
+        "parameters": plan.request.model_dump(exclude={"image", "audio"}),
+        "inputs": {
+            "image": shown_source(video.image), "image_sha256": plan.image_sha256,
+            "audio": shown_source(video.audio), "audio_sha256": plan.audio_sha256,
+            "template_fields": video.template_fields, "preset": video.preset,
+        },
+        "video": {
+            "s3_uri": stored.s3_uri, "size": stored.size, "sha256": stored.sha256,
+            "content_type": "video/mp4", "width": probe.width, "height": probe.height,
+            "duration_s": round(probe.duration_s, 3), "video_codec": probe.video_codec,
+            "audio_codec": probe.audio_codec,
+        },
+        "cost": finished.metrics.get("cost"),
+        "metrics": finished.metrics,
+        "output_via": finished.via,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "backend": backend,
+        "archived_at": _now_iso(),
+    }
+
+
+async def archive_output(
+    ctx: Context, video: VideoRequest, plan: Plan, finished: Finished, *, timings: dict[str, float]
+) -> Archived:
+    """Stream the output into S3, verify it (size, sha256, the video decodes), add a thumbnail
+    and, last, the manifest that marks the archive complete."""
+    store = ctx.store
+    key = store.video_key(plan.fingerprint)
+    metadata = {"fingerprint": plan.fingerprint, "request-id": finished.request_id,
+                "seed": str(plan.seed), "model": MODEL_SLUG}
+    async with ctx.client.stream_output(finished.output_url) as response:
+        stored = await store.upload_stream(response.aiter_bytes(DOWNLOAD_CHUNK), key, "video/mp4", metadata)
+    seen: dict[str, Any] = {}
+
+    def probe(path: Path) -> media.VideoProbe:
+        seen["probe"] = media.probe_video(path)
+        seen["thumbnail"] = media.thumbnail_jpeg(path, at_s=THUMBNAIL_AT_S)
+        return seen["probe"]
+
+    await store.verify(stored, probe)
+    thumb_key = store.thumbnail_key(plan.fingerprint)
+    await store.put_bytes(thumb_key, seen["thumbnail"], "image/jpeg")
+    manifest = manifest_of(video, plan, finished, stored, seen["probe"], timings=timings, backend=ctx.backend)
+    manifest["thumbnail_s3_uri"] = store.uri(thumb_key)
+    await store.put_json(store.manifest_key(plan.fingerprint), manifest)
+    await ctx.ledger.mark(plan.fingerprint, COMPLETED, request_id=finished.request_id, s3_uri=stored.s3_uri)
+    return await from_cache(store, manifest, plan.fingerprint)
+
+
+async def from_cache(store: Store, manifest: dict[str, Any], fingerprint: str) -> Archived:
+    thumb = manifest.get("thumbnail_s3_uri")
+    return Archived(
+        s3_uri=manifest["video"]["s3_uri"],
+        manifest_uri=store.uri(store.manifest_key(fingerprint)),
+        presigned_url=await store.presign(store.video_key(fingerprint), PRESIGN_EXPIRES_S),
+        thumbnail_url=await store.presign(store.thumbnail_key(fingerprint), PRESIGN_EXPIRES_S) if thumb else None,
+        size=manifest["video"]["size"],
+        sha256=manifest["video"]["sha256"],
+        manifest=manifest,
+    )
+
+
+async def look_up(store: Store, plan: Plan) -> Archived | None:
+    """The archived video of this plan (never for a random seed): manifest, size and checksum."""
+    if plan.seed_random:
+        return None
+    manifest = await store.cached(plan.fingerprint)
+    return None if manifest is None else await from_cache(store, manifest, plan.fingerprint)
+
+
+class Steps:
+    """One video's steps. A flow subclasses this to run each step as a Prefect task."""
+
+    async def speech(self, ctx: Context, request: VideoRequest) -> SpeechInput:
+        return await prepare_speech(request, ctx.store)
+
+    async def portrait(self, ctx: Context, request: VideoRequest) -> PortraitInput:
+        return await prepare_portrait(request, ctx.store)
+
+    async def look_up(self, ctx: Context, plan: Plan) -> Archived | None:
+        return await look_up(ctx.store, plan)
+
+    async def submit(self, ctx: Context, plan: Plan) -> Job:
+        return await ctx.ledger.submit(ctx.client, plan.fingerprint, plan.request, record=plan.record(), log=ctx.log)
+
+    async def wait(self, ctx: Context, plan: Plan, job: Job, resubmit_expired: bool) -> tuple[Job, Finished]:
+        return await wait_job(ctx, plan, job, resubmit_expired=resubmit_expired)
+
+    async def archive(self, ctx: Context, request: VideoRequest, plan: Plan, finished: Finished,
+                      timings: dict[str, float]) -> Archived:
+        return await archive_output(ctx, request, plan, finished, timings=timings)
+
+
+class _Laps:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = now - self._t
+        self._t = now
+
+
+async def _finish(ctx: Context, steps: Steps, request: VideoRequest, plan: Plan, job: Job | None,
+                  lap: _Laps, *, resubmit_expired: bool) -> tuple[VideoResult, Archived]:
+    """From the cache look-up (or a known job) to the archived video."""
+    async with exclusive(plan.fingerprint):
+        archived = await steps.look_up(ctx, plan)
+        lap("cache_lookup")
+        cache_hit = archived is not None
+        if archived is None:
+            if job is None:
+                job = await steps.submit(ctx, plan)
+                lap("submit")
+            job, finished = await steps.wait(ctx, plan, job, resubmit_expired)
+            lap("poll")
+            archived = await steps.archive(ctx, request, plan, finished, dict(lap.timings))
+            lap("archive")
+    return VideoResult.of(archived, plan, cache_hit=cache_hit, timings=lap.timings), archived
+
+
+async def make_video(ctx: Context, request: VideoRequest, steps: Steps | None = None) -> tuple[VideoResult, Archived]:
+    """A portrait and a script (or a recording) to an archived video, or the archive's copy."""
+    steps = steps or Steps()
+    await ctx.ledger.check_store(ctx.log)
+    lap = _Laps()
+    speech = await steps.speech(ctx, request)
+    lap("speech")
+    portrait = await steps.portrait(ctx, request)
+    lap("portrait")
+    ctx.plan = plan = plan_job(request, speech, portrait)
+    ctx.log(f"fingerprint {plan.fingerprint}, seed {plan.seed}{' (random)' if plan.seed_random else ''}")
+    return await _finish(ctx, steps, request, plan, None, lap, resubmit_expired=request.resubmit_expired)
+
+
+async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None) -> tuple[VideoResult, Archived]:
+    """Poll and archive a request known only by its id: its ledger entry (found through the
+    index), else the request history's copy of the body (its media fetched again to hash them)."""
+    steps = steps or Steps()
+    check_request_id(request_id)
+    lap = _Laps()
+    entry = await ctx.ledger.find(request_id)
+    if entry is not None:
+        body, submitted_at = entry["body"], float(entry.get("submitted_at") or time.time())
+        image_sha, audio_sha = entry["image_sha256"], entry.get("audio_sha256")
+        seed_random = bool(entry.get("seed_random"))
+    else:
+        row = await ctx.client.history(request_id)
+        if not isinstance(row.request_body, dict):
+            raise JobExpired(f"request {request_id}: the history has no request body to resume from")
+        body, submitted_at, seed_random = row.request_body, time.time() - ctx.expected_seconds, False
+        image_sha = sha256_hex(await _fetch(body["image"], "image", ctx.store))
+        audio_sha = sha256_hex(await _fetch(body["audio"], "audio", ctx.store)) if body.get("audio") else None
+    request = AvatarRequest.model_validate(body)
+    fp = fingerprint(request, image_sha256=image_sha, audio_sha256=audio_sha)
+    ctx.plan = plan = Plan(request, fp, int(request.seed), seed_random, image_sha, audio_sha)
+    video = VideoRequest.model_validate(body)
+    job = Job(request_id, submitted_at, resumed=True)
+    return await _finish(ctx, steps, video, plan, job, lap, resubmit_expired=False)
+
+
+async def _fetch(ref: str, field: str, store: Store) -> bytes:
+    return await asyncio.to_thread(media.read_source, ref, field=field, s3_client=store.s3, max_bytes=RESUME_MAX_BYTES)
+
+
+def download_copy(url: str, dest: Path) -> Path:
+    """A local copy of a (presigned) URL, written beside and renamed into place."""
+    import httpx
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=60) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest

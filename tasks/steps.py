@@ -1,0 +1,37 @@
+"""One video's steps as Prefect tasks: the pipeline chains them, the flows hand them over."""
+
+from __future__ import annotations
+
+from prefect.states import State
+
+from avatarflow.inputs import PortraitInput, SpeechInput
+from avatarflow.ledger import Job
+from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
+from avatarflow.spec import VideoRequest
+from tasks.archive import archive_task, cache_lookup_task
+from tasks.poll import poll_task
+from tasks.portrait import portrait_task
+from tasks.speech import speech_task
+from tasks.submit import submit_task
+
+
+class TaskSteps(Steps):
+    async def speech(self, ctx: Context, request: VideoRequest) -> SpeechInput:
+        return await speech_task(request, ctx.store)
+
+    async def portrait(self, ctx: Context, request: VideoRequest) -> PortraitInput:
+        return await portrait_task(request, ctx.store)
+
+    async def look_up(self, ctx: Context, plan: Plan) -> Archived | None:
+        found = await cache_lookup_task(ctx, plan)
+        return await found.aresult() if isinstance(found, State) else found
+
+    async def submit(self, ctx: Context, plan: Plan) -> Job:
+        return await submit_task(ctx, plan)
+
+    async def wait(self, ctx: Context, plan: Plan, job: Job, resubmit_expired: bool) -> tuple[Job, Finished]:
+        return await poll_task(ctx, plan, job, resubmit_expired)
+
+    async def archive(self, ctx: Context, request: VideoRequest, plan: Plan, finished: Finished,
+                      timings: dict[str, float]) -> Archived:
+        return await archive_task(ctx, request, plan, finished, timings)
