@@ -94,6 +94,33 @@ def fault_settings(
     return body
 
 
+def timing_of(mode: str, queue_wait: float, queue_jitter: float, cost_per_second: list[str],
+              jitter: float, seed: int):
+    """The `Timing` the --timing flags describe; ValueError with a readable message when bad."""
+    from pydantic import ValidationError
+
+    from avatarflow.local.queue import Timing
+
+    costs = dict(Timing().cost_per_second)
+    for item in cost_per_second:
+        res, sep, value = item.partition("=")
+        try:
+            cost = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or res.strip() not in costs or not 0 < cost < 1e4:
+            raise ValueError(f"--cost-per-second {item!r} is not allowed; allowed: RES=SECONDS with RES "
+                             f"one of {', '.join(Timing().cost_per_second)} and SECONDS above 0")
+        costs[res.strip()] = cost
+    if mode not in ("render", "vendor"):
+        raise ValueError(f"--timing {mode!r} is not allowed; allowed: render, vendor")
+    try:
+        return Timing(mode=mode, queue_wait=queue_wait, queue_jitter=queue_jitter, cost_per_second=costs,
+                      jitter=jitter, seed=seed)
+    except ValidationError as e:
+        raise ValueError(f"timing: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+
+
 @local_app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Loopback address to bind (anything else is refused)."),
@@ -104,6 +131,12 @@ def serve(
     workers: int = typer.Option(2, min=1, help="Jobs rendered at once."),
     retention: float = typer.Option(3600.0, min=0, help="Seconds a request record lives (then 404); history rows never expire."),
     min_processing_time: float = typer.Option(0.0, min=0, help="A job stays PROCESSING at least this long."),
+    timing: str = typer.Option("render", help="Job times: 'render' (as long as the render takes) or 'vendor' (queue wait + cost per output second x length, seeded jitter; --min-processing-time ignored)."),
+    queue_wait: float = typer.Option(3.0, min=0, help="--timing vendor: mean seconds a job stays QUEUED."),
+    queue_jitter: float = typer.Option(1.0, min=0, help="--timing vendor: the queue wait varies uniformly by +- this many seconds."),
+    cost_per_second: list[str] = typer.Option([], help="--timing vendor: processing seconds per output second, RES=S (default 720p=3.0, 1080p=5.4); repeatable."),
+    timing_jitter: float = typer.Option(0.01, min=0, max=0.3, help="--timing vendor: relative standard deviation of the processing time."),
+    timing_seed: int = typer.Option(0, help="--timing vendor: seed of the jitter (with each request's body)."),
     rate_limit: int = typer.Option(0, min=0, help="Requests per minute per key (0: off)."),
     credits: float = typer.Option(100.0, help="Starting balance reported as remaining_credits."),
     faults: Optional[str] = typer.Option(None, help="Fault injection as a JSON object, or @file.json (schema: avatarflow.local.chaos)."),
@@ -116,6 +149,7 @@ def serve(
 ) -> None:
     """Serve the Segmind-compatible p-video-avatar API on loopback."""
     from avatarflow.local.api import ServerConfig, check_loopback, serve as run
+    from avatarflow.local.queue import set_default_timing
     from avatarflow.local.chaos import Faults, Settings
 
     try:
@@ -134,6 +168,7 @@ def serve(
             faults=Faults.model_validate(body),
             credits=credits,
         )
+        set_default_timing(timing_of(timing, queue_wait, queue_jitter, cost_per_second, timing_jitter, timing_seed))
         run(host, port, config)
     except ValueError as e:
         typer.secho(f"error: {e}", fg="red", err=True)

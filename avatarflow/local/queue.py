@@ -1,9 +1,25 @@
 """The local API's jobs: QUEUED -> PROCESSING -> COMPLETED | FAILED on a pool of render workers,
-records that expire after the retention, and a request history that does not."""
+records that expire after the retention, and a request history that does not.
+
+Two timing modes:
+
+- ``render`` (default): a job is QUEUED until a render worker takes it, PROCESSING while it
+  renders (at least ``min_processing_time``), then COMPLETED.
+- ``vendor``: the job's times follow a model of the vendor's service (:class:`Timing`), whatever
+  the render takes: QUEUED for the queue wait, then PROCESSING for cost per output second x the
+  output's length (the speech's length) at the request's resolution, with seeded jitter. The
+  render runs meanwhile; when it ends earlier, the job stays PROCESSING until the modelled time
+  (when later, until it ends), so status, result metrics and history rows all tell the same
+  times. Identical requests with a fixed seed share one render (the local engine is
+  deterministic), each job keeping its own times.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import random
 import secrets
 import time
 import uuid
@@ -13,14 +29,71 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from avatarflow import media
 from avatarflow.contract import MODEL_SLUG, AvatarRequest, cost_of
 from avatarflow.fingerprint import random_seed
 from avatarflow.local.chaos import Chaos
+from avatarflow.sources import SourcePolicy
 
 MAX_IMAGE_BYTES = 30 * 1024 * 1024
 MAX_AUDIO_BYTES = 50 * 1024 * 1024
+# As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
+# presigned URLs are http on loopback); never a local path.
+FETCH_POLICY = SourcePolicy(allow_http=True, allow_hosts=("127.0.0.1", "localhost", "::1"))
 INJECTED_FAILURE = "local: injected failure"
+
+
+class Timing(BaseModel):
+    """The vendor-like timing mode. For each job: queue wait = ``queue_wait`` + uniform jitter in
+    +-``queue_jitter``; processing = ``cost_per_second[resolution]`` x output seconds x (1 + e),
+    e normal with standard deviation ``jitter`` (clipped at 3 of them). Both are drawn from a
+    random generator seeded with ``seed`` and the request's body, so a run can be repeated and
+    the same request gets the same times. The defaults are the duration model's prior for the
+    vendor (:mod:`avatarflow.duration`): a 32 s clip at 720p takes 3 + 96 = 99 s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = Field("render", pattern="^(render|vendor)$")
+    queue_wait: float = Field(3.0, ge=0, le=3600)
+    queue_jitter: float = Field(1.0, ge=0, le=3600)
+    cost_per_second: dict[str, float] = Field(default_factory=lambda: {"720p": 3.0, "1080p": 5.4})
+    jitter: float = Field(0.01, ge=0, le=0.3)
+    seed: int = 0
+
+    @property
+    def vendor(self) -> bool:
+        return self.mode == "vendor"
+
+    def draws(self, key: str) -> tuple[float, float]:
+        """(queue wait in seconds, processing factor) for the request with this key."""
+        rng = random.Random(f"{self.seed}:{key}")
+        queue = max(0.0, self.queue_wait + rng.uniform(-self.queue_jitter, self.queue_jitter))
+        e = max(-3.0, min(3.0, rng.gauss(0.0, 1.0))) * self.jitter
+        return queue, 1.0 + e
+
+    def processing_s(self, resolution: str, output_s: float, factor: float = 1.0) -> float:
+        cost = self.cost_per_second.get(resolution)
+        if cost is None:
+            raise ValueError(f"timing: no cost per second for resolution {resolution!r}; "
+                             f"given: {', '.join(self.cost_per_second)}")
+        return cost * output_s * factor
+
+
+#: the timing of servers built without one (set by `avatarflow local serve --timing ...`)
+DEFAULT_TIMING = Timing()
+
+
+def set_default_timing(timing: Timing) -> None:
+    global DEFAULT_TIMING
+    DEFAULT_TIMING = timing
+
+
+def request_key(body: dict[str, Any], seed: int | None) -> str:
+    """A request's identity for the timing draws and the shared render: its body and seed."""
+    canon = json.dumps({**body, "seed": seed}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def _iso(t: float | None) -> str | None:
@@ -42,6 +115,8 @@ class LocalJob:
     cost: float | None = None
     seed: int | None = None
     injected_failure: bool = False
+    modelled_queue_s: float | None = None
+    modelled_processing_s: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -68,7 +143,10 @@ class LocalJob:
 class JobQueue:
     """Jobs in memory, rendered by `workers` threads; outputs as files under `data_dir`."""
 
-    def __init__(self, data_dir: Path, workers: int, chaos: Chaos, credits: float = 100.0):
+    def __init__(self, data_dir: Path, workers: int, chaos: Chaos, credits: float = 100.0,
+                 timing: Timing | None = None):
+        self.timing = timing if timing is not None else DEFAULT_TIMING
+        self._renders: dict[str, asyncio.Future] = {}
         self.data_dir = data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.chaos = chaos
@@ -82,7 +160,8 @@ class JobQueue:
         job = LocalJob(request_id=str(uuid.uuid4()), request=request, body=body, created_at=time.time(),
                        injected_failure=self.chaos.roll("fail_rate"))
         self.jobs[job.request_id] = job
-        task = asyncio.get_running_loop().create_task(self._run(job))
+        run = self._run_timed(job) if self.timing.vendor else self._run(job)
+        task = asyncio.get_running_loop().create_task(run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
@@ -119,16 +198,66 @@ class JobQueue:
             job.completed_at = time.time()
             job.done.set()
 
+    async def _run_timed(self, job: LocalJob) -> None:
+        """The vendor-like mode: modelled times, the render running meanwhile."""
+        req = job.request
+        job.seed = random_seed() if req.random_seed else int(req.seed)
+        key = request_key(job.body, job.seed)
+        queue_s, factor = self.timing.draws(key)
+        job.modelled_queue_s = queue_s
+        render = asyncio.ensure_future(self._shared_render(job, key, shared=not req.random_seed))
+        await asyncio.sleep(max(0.0, job.created_at + queue_s - time.time()))
+        job.status, job.started_at = "PROCESSING", job.created_at + queue_s
+        try:
+            output, duration = await render
+            job.output, job.duration_s = output, duration
+            job.modelled_processing_s = self.timing.processing_s(req.resolution, duration, factor)
+            await asyncio.sleep(max(0.0, job.started_at + job.modelled_processing_s - time.time()))
+        except Exception as e:  # the job's FAILED error, like the vendor's
+            job.status, job.error = "FAILED", str(e) or type(e).__name__
+        if job.status != "FAILED" and job.injected_failure:
+            job.status, job.error = "FAILED", INJECTED_FAILURE
+        if job.status != "FAILED":
+            job.status = "COMPLETED"
+            job.cost = cost_of(job.duration_s or 0.0, req.resolution)
+            self.credits = round(self.credits - job.cost, 6)
+        job.completed_at = time.time()
+        job.done.set()
+
+    async def _shared_render(self, job: LocalJob, key: str, *, shared: bool) -> tuple[Path, float]:
+        """Render under a worker slot; identical requests (same body and seed) share one render."""
+        if shared and key in self._renders:
+            return await asyncio.shield(self._renders[key])
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        if shared:
+            self._renders[key] = future
+        try:
+            async with self._slots:
+                await self._render(job)
+            future.set_result((job.output, job.duration_s))
+        except BaseException as e:
+            future.set_exception(e)
+            if shared:
+                self._renders.pop(key, None)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        return job.output, job.duration_s
+
     async def _render(self, job: LocalJob) -> None:
         from avatarflow.local.render import render_video
 
         req = job.request
-        image = await asyncio.to_thread(media.read_source, req.image, field="image", max_bytes=MAX_IMAGE_BYTES)
+        image = await asyncio.to_thread(
+            media.read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=MAX_IMAGE_BYTES
+        )
         audio = (
-            await asyncio.to_thread(media.read_source, req.audio, field="audio", max_bytes=MAX_AUDIO_BYTES)
+            await asyncio.to_thread(
+                media.read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=MAX_AUDIO_BYTES
+            )
             if req.audio else None
         )
-        job.seed = random_seed() if req.random_seed else int(req.seed)
+        if job.seed is None:
+            job.seed = random_seed() if req.random_seed else int(req.seed)
         out = self.output_path(job.request_id)
         info = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: render_video(req, image, audio, out, seed=job.seed)
@@ -148,7 +277,9 @@ class JobQueue:
     def summary(self) -> dict[str, Any]:
         return {
             rid: {"status": j.status, "created_at": j.created_at, "started_at": j.started_at,
-                  "completed_at": j.completed_at, "seed": j.seed, "error": j.error}
+                  "completed_at": j.completed_at, "seed": j.seed, "error": j.error,
+                  "duration_s": j.duration_s, "modelled_queue_s": j.modelled_queue_s,
+                  "modelled_processing_s": j.modelled_processing_s}
             for rid, j in self.jobs.items()
         }
 
