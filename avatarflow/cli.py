@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -104,7 +103,29 @@ def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
     return "\n".join(lines)
 
 
-def _run_flow(params: dict[str, Any], *, show_progress: bool) -> dict[str, Any]:
+def cli_roots(*refs: str | None) -> list[Path]:
+    """The local roots the CLI on one's own machine allows for its own run: the working
+    directory and the directories of the local files it was given."""
+    from avatarflow.sources import scheme_of
+
+    roots = [Path.cwd()]
+    for ref in refs:
+        if ref and (not scheme_of(ref) or scheme_of(ref) == "file"):
+            path = Path(ref.removeprefix("file://")).expanduser()
+            roots.append(path.parent if path.is_absolute() else (Path.cwd() / path).parent)
+    return roots
+
+
+def _run_flow(params: dict[str, Any], *, show_progress: bool, local_roots: list[Path] = ()) -> dict[str, Any]:
+    """The avatar_video flow in this process; local paths under `local_roots` are allowed for this
+    run only (the CLI's own widening of the source policy; never a flow parameter)."""
+    from avatarflow.sources import cli_local_roots
+
+    with cli_local_roots(*local_roots):
+        return _run_flow_here(params, show_progress=show_progress)
+
+
+def _run_flow_here(params: dict[str, Any], *, show_progress: bool) -> dict[str, Any]:
     from avatarflow import progress
     from avatarflow.spec import parse_video_request
 
@@ -168,14 +189,16 @@ def run(
         if bad:
             raise typer.BadParameter(f"--field {bad[0]!r} is not NAME=VALUE")
         request["template_fields"] = dict(pairs)
-    _finish(_safe(lambda: _run_flow({"request": request, "backend": backend}, show_progress=not as_json)), output, as_json)
+    roots = cli_roots(image, audio)
+    _finish(_safe(lambda: _run_flow({"request": request, "backend": backend}, show_progress=not as_json,
+                                    local_roots=roots)), output, as_json)
 
 
 def _safe(fn: Any) -> Any:
     from avatarflow.contract import ContractError
     from avatarflow.errors import AvatarflowError
+    from avatarflow.config import NotConfigured
     from avatarflow.media import MediaError
-    from avatarflow.settings import NotConfigured
 
     try:
         return fn()
@@ -217,11 +240,14 @@ def demo(
     """Start the local services, run avatar_video on the bundled portrait, print where the MP4 is."""
     from avatarflow.local import services
 
-    chosen = backend or ("segmind" if os.environ.get("SEGMIND_API_KEY") else "local")
+    from avatarflow import config
+
+    chosen = backend or ("segmind" if config.environment().segmind_api_key.get_secret_value() else "local")
     typer.echo("starting local S3" + (" and the local API" if chosen == "local" else "") + " ...")
     _print_services(services.up(with_api=chosen == "local"))
     result = _safe(lambda: _run_flow(
-        {"request": {"image": str(DEMO_PORTRAIT), "seed": 42}, "backend": chosen}, show_progress=True
+        {"request": {"image": str(DEMO_PORTRAIT), "seed": 42}, "backend": chosen}, show_progress=True,
+        local_roots=[ASSETS],
     ))
     _finish(result, output, as_json=False)
 
@@ -233,7 +259,7 @@ def blocks_register(
 ) -> None:
     """Register the block types and save credentials, archive and a default preset from the
     current settings (environment or local services)."""
-    from avatarflow.settings import api_settings, archive_settings
+    from avatarflow.config import api_settings, archive_settings
 
     register = importlib.import_module("blocks.register").register_blocks
     for name in register(api_settings(backend), archive_settings(), prefix=prefix):

@@ -38,9 +38,11 @@ PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
 
 def api_url() -> str:
     """PREFECT_API_URL, else the running local server of `avatarflow local prefect-up`."""
-    url = os.environ.get("PREFECT_API_URL")
+    from avatarflow.config import prefect_api_url
+
+    url = prefect_api_url()
     if url:
-        return url.rstrip("/")
+        return url
     from avatarflow.local.prefect_server import prefect_status
 
     server, alive = prefect_status()
@@ -149,18 +151,23 @@ async def emit(event: Any) -> None:
         await client.emit(event)
 
 
-def run_batch(calendar: str, **kw: Any) -> dict[str, Any]:
-    """The avatar_batch flow, here (Prefect's ephemeral mode, or the server of PREFECT_API_URL)."""
+def run_batch(calendar: str, *, local_roots: Any = (), **kw: Any) -> dict[str, Any]:
+    """The avatar_batch flow, here (Prefect's ephemeral mode, or the server of PREFECT_API_URL).
+    `local_roots`: directories whose files the rows may name by path, for this in-process run
+    only (the CLI's widening of the source policy; never a flow parameter)."""
+    from avatarflow.sources import cli_local_roots
+
     flow = importlib.import_module("flows.avatar_batch").avatar_batch
-    return asyncio.run(flow(calendar=calendar, **kw))
+    with cli_local_roots(*local_roots):
+        return asyncio.run(flow(calendar=calendar, **kw))
 
 
 # --- the commands ----------------------------------------------------------------------------
 
 def _safe(fn: Callable[[], Any]) -> Any:
     from avatarflow.errors import AvatarflowError
+    from avatarflow.config import NotConfigured
     from avatarflow.media import MediaError
-    from avatarflow.settings import NotConfigured
 
     try:
         return fn()
@@ -192,9 +199,13 @@ def batch(
 ) -> None:
     """Make a content calendar's rows due today, each a child run of avatar_video; print every
     row's outcome and where the manifest is (batches/<run id>/manifest.csv|json in the archive)."""
+    from avatarflow.cli import cli_roots
+
     day = _day(today)
+    roots = cli_roots(calendar)  # the working directory and the calendar's own directory
     out = _safe(lambda: run_batch(calendar, today=day, budget=budget, all_rows=all_rows,
-                                  rate_limit=rate_limit or None, backend=backend, max_concurrency=max_concurrency))
+                                  rate_limit=rate_limit or None, backend=backend, max_concurrency=max_concurrency,
+                                  local_roots=roots))
     if as_json:
         typer.echo(json.dumps(out, indent=2, default=str))
     else:
@@ -249,7 +260,7 @@ def deploy(
     url = _safe(api_url)
     with temporary_settings(client_settings(url)):
         if blocks:
-            from avatarflow.settings import api_settings, archive_settings
+            from avatarflow.config import api_settings, archive_settings
 
             register = importlib.import_module("blocks.register").register_blocks
             for name in _safe(lambda: register(api_settings(backend), archive_settings())):

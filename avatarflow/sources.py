@@ -165,6 +165,14 @@ def _shown(ref: str) -> str:
     return _short(ref)
 
 
+def display_source(ref: Any) -> Any:
+    """A source as it may be recorded (manifests, events, logs, errors): a URL without its query
+    string or fragment (a presigned URL's signature), a data: URI shortened to its header."""
+    if not isinstance(ref, str):
+        return ref
+    return _shown(ref)
+
+
 def read_source(ref: Any, *, field: str, policy: SourcePolicy | None = None, s3_client: Any = None,
                 max_bytes: int) -> bytes:
     """The bytes behind `ref` under `policy` (default: the safe default policy), at most
@@ -421,5 +429,5 @@ def check_reference(ref: str, *, field: str, policy: SourcePolicy) -> None:
         raise _fail(field, ref, why, policy)
 
 
-__all__ = ["SourcePolicy", "read_source", "resolve_policy", "policy_from_env", "cli_local_roots",
+__all__ = ["SourcePolicy", "read_source", "display_source", "resolve_policy", "policy_from_env", "cli_local_roots",
            "check_reference", "check_local", "s3_allowed", "open_under_root"]

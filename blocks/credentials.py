@@ -6,7 +6,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
-from avatarflow.settings import ApiSettings
+from avatarflow.config import ApiSettings
 
 
 class SegmindCredentials(Block):

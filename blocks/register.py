@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
-from avatarflow.settings import ApiSettings, ArchiveSettings
+from avatarflow.config import ApiSettings, ArchiveSettings
 from blocks.archive import s3_bucket_block
 from blocks.credentials import SegmindCredentials
 from blocks.preset import AvatarPreset
+from blocks.source_policy import SourcePolicy
 
 
 def register_blocks(api: ApiSettings, archive: ArchiveSettings, *, prefix: str = "avatarflow") -> list[str]:
     """Save `<prefix>-api` (SegmindCredentials), `<prefix>-archive` (S3Bucket + `<prefix>-aws`
-    AwsCredentials) and `<prefix>-default` (AvatarPreset); overwrite earlier ones."""
-    for block_type in (SegmindCredentials, AvatarPreset):
+    AwsCredentials) and `<prefix>-default` (AvatarPreset); overwrite earlier ones. The SourcePolicy
+    block type is registered (no document is saved: the operator saves one and names it in
+    AVATARFLOW_SOURCES_BLOCK on the workers)."""
+    for block_type in (SegmindCredentials, AvatarPreset, SourcePolicy):
         block_type.register_type_and_schema()
     SegmindCredentials(
         api_key=SecretStr(api.api_key), base_url=api.base_url, history_url=api.history_url

@@ -33,6 +33,8 @@ from prefect.runtime import flow_run
 
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
+from avatarflow.inputs import TemplateError
+from avatarflow.sources import display_source, resolve_policy
 from flows.avatar_video import avatar_video, resolve
 
 MANIFEST_COLUMNS = (
@@ -47,7 +49,7 @@ PROGRESS_EVERY_S = 2.0
 def _entry(row: Row, status: str, **kw: Any) -> dict[str, Any]:
     image = row.request.image if row.request else row.raw.get("image") or row.raw.get("portrait")
     base = dict.fromkeys(MANIFEST_COLUMNS)
-    return {**base, "line": row.line, "image": image,
+    return {**base, "line": row.line, "image": display_source(image),
             "publish_date": row.publish_date.isoformat() if row.publish_date else None,
             "status": status, "error": row.error, **kw}
 
@@ -100,8 +102,8 @@ class _Progress:
 
 def _run_name() -> str:
     """avatar-batch-<calendar file stem>; child runs: <that>-<run id prefix>-line-<n>."""
-    calendar = str((flow_run.parameters or {}).get("calendar", "calendar"))
-    stem = Path(calendar.rstrip("/")).stem or "calendar"
+    calendar = str(display_source(str((flow_run.parameters or {}).get("calendar", "calendar"))))
+    stem = Path(calendar.split("?", 1)[0].rstrip("/")).stem or "calendar"
     return "avatar-batch-" + re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-")[:40]
 
 
@@ -120,7 +122,8 @@ async def avatar_batch(
     """Make the content calendar's rows due `today` (default: today, UTC), each a child run of
     avatar_video.
 
-    `calendar`: CSV or JSONL, a local path, URL or s3:// URI; a row per video with the API's
+    `calendar`: CSV or JSONL, an https URL, an s3:// URI in the archive (or an allowed
+    bucket/prefix), or a local path under the operator's allowed roots (the source policy); a row per video with the API's
     names (`image`, `voice_script` or `audio`, `voice`, `voice_language`, `resolution`, `seed`)
     plus `preset` and `publish_date`. `budget` (USD): stop submitting before the next job's
     estimate (speech seconds x price per second) would pass it. `rate_limit`: the Prefect global
@@ -130,12 +133,24 @@ async def avatar_batch(
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
     day = today or datetime.now(timezone.utc).date()
-    every = await asyncio.to_thread(read_calendar, calendar, s3_client=store.s3)
-    rows = check_sources(due(every, day, all_rows=all_rows))
-    logger.info("%d of %d rows due on %s in %s", len(rows), len(every), day, calendar)
+    # the calendar and its rows' sources are untrusted: fetched and checked through the operator's
+    # source policy (no parameter of this flow widens it)
+    policy = await resolve_policy(store)
+    every = await asyncio.to_thread(read_calendar, calendar, s3_client=store.s3, policy=policy)
+    rows = await asyncio.to_thread(check_sources, due(every, day, all_rows=all_rows), policy=policy)
+    shown = display_source(calendar)
+    logger.info("%d of %d rows due on %s in %s", len(rows), len(every), day, shown)
 
+    estimates: dict[int, float] = {}
+    for row in rows:  # the cost of what will be spoken: the template rendered (bounded) with the row
+        if row.request is None:
+            continue
+        try:
+            estimates[row.line] = estimate_cost(row.request)
+        except TemplateError as e:
+            row.error, row.request = f"line {row.line}: {e}", None
     valid = [r for r in rows if r.request is not None]
-    budget_plan = plan((estimate_cost(r.request) for r in valid), budget)
+    budget_plan = plan((estimates[r.line] for r in valid), budget)
     go: list[tuple[Row, float]] = []
     entries_by_line: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -152,7 +167,7 @@ async def avatar_batch(
 
     try:
         progress_id = await acreate_progress_artifact(
-            0.0, key="avatar-batch-progress", description=f"{calendar} on {day}: {len(go)} videos")
+            0.0, key="avatar-batch-progress", description=f"{shown} on {day}: {len(go)} videos")
     except Exception as e:
         logger.warning("progress artifact not created: %s", e)
         progress_id = None
@@ -178,14 +193,14 @@ async def avatar_batch(
     spent = round(sum(e["cost"] or 0.0 for e in entries if e["status"] == "completed"), 6)
     run_id = str(flow_run.id or f"local-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
     prefix = store.key("batches", run_id)
-    summary = {"calendar": calendar, "day": day.isoformat(), "flow_run_id": run_id, "budget": budget,
+    summary = {"calendar": shown, "day": day.isoformat(), "flow_run_id": run_id, "budget": budget,
                "estimated": budget_plan.planned, "spent": spent, "rate_limit": rate_limit, **counts}
     await store.put_json(f"{prefix}/manifest.json", {**summary, "columns": list(MANIFEST_COLUMNS), "rows": entries})
     await asyncio.to_thread(store.s3.put_object, Bucket=store.bucket, Key=f"{prefix}/manifest.csv",
                             Body=manifest_csv(entries).encode(), ContentType="text/csv")
     manifest_json, manifest_csv_uri = store.uri(f"{prefix}/manifest.json"), store.uri(f"{prefix}/manifest.csv")
 
-    name = Path(calendar.rstrip("/")).name
+    name = Path(shown.split("?", 1)[0].rstrip("/")).name
     await acreate_table_artifact(
         table=[{c: e[c] for c in MANIFEST_COLUMNS} for e in entries], key="avatar-batch-rows",
         description=(f"{name} on {day}: {counts['completed']} completed, {counts['failed']} failed, "

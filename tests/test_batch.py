@@ -17,6 +17,9 @@ from typer.testing import CliRunner
 
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import check_sources, parse_records, parse_row, read_calendar
+from avatarflow.inputs import TemplateError
+from avatarflow.media import MediaError
+from avatarflow.sources import SourcePolicy
 from avatarflow.ops_cli import rate_limit_slots, register
 from avatarflow.spec import VideoRequest
 from flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
@@ -51,11 +54,15 @@ def _calendar(tmp_path: Path, portrait_path: Path) -> str:
 
 
 def test_calendar_rows_parse_with_per_row_errors(tmp_path, portrait_path):
-    rows = check_sources(read_calendar(_calendar(tmp_path, portrait_path)))
+    policy = SourcePolicy(local_roots=(str(tmp_path), str(portrait_path.parent)))
+    with pytest.raises(MediaError, match="local paths are not allowed"):
+        read_calendar(_calendar(tmp_path, portrait_path))  # the default policy: no local calendar
+    rows = check_sources(read_calendar(_calendar(tmp_path, portrait_path), policy=policy), policy=policy)
     assert [r.line for r in rows] == [2, 3, 4, 5, 6, 7, 8, 9]
     assert rows[0].request.template_fields == {"name": "Ada"} and rows[0].request.seed == 1
     assert rows[2].request is None and "voice='Nobody (Male)'" in rows[2].error and "line 4" in rows[2].error
-    assert rows[3].request is None and "missing.jpg" in rows[3].error and "no such file" in rows[3].error
+    assert rows[3].request is None and "missing.jpg" in rows[3].error
+    assert "not a readable regular file" in rows[3].error
     assert rows[4].request is not None, "a file that is there is checked when its row runs"
     assert rows[5].publish_date == date(2026, 11, 25)
     jsonl = parse_records('{"image": "a.jpg", "seed": 7, "publish_date": "2026-11-24"}\nnot json\n[1]\n', "c.jsonl")
@@ -68,10 +75,30 @@ def test_calendar_rows_parse_with_per_row_errors(tmp_path, portrait_path):
     assert "seed='x'" in parse_row(2, {"image": "a.jpg", "seed": "x"}).error
 
 
-def test_budget_estimates_and_stops_at_the_first_job_past_it():
+def test_check_sources_applies_the_policy_to_every_row(tmp_path, portrait_path):
+    policy = SourcePolicy(local_roots=(str(portrait_path.parent),), archive=("arch", "team"))
+    raws = [{"image": str(portrait_path)}, {"image": "/etc/passwd"}, {"image": "s3://arch/team/p.jpg"},
+            {"image": "s3://arch/other/p.jpg"}, {"image": "http://127.0.0.1:9/p.jpg"},
+            {"image": "https://example.com/p.jpg", "audio": "file:///proc/self/environ"},
+            {"image": "ftp://x/y.jpg"}]
+    rows = check_sources([parse_row(n, r) for n, r in enumerate(raws, start=2)], policy=policy)
+    assert [r.request is not None for r in rows] == [True, False, True, False, False, False, False]
+    assert "image='/etc/passwd'" in rows[1].error and "only under the allowed local roots" in rows[1].error
+    assert "audio=" in rows[5].error and "ftp" in rows[6].error
+
+
+def test_budget_estimates_from_the_rendered_script_and_stops_at_the_first_job_past_it():
     short = VideoRequest(image="a.jpg", voice_script="one two three four five")  # 1 + 5 / 2.5 = 3 s
     assert estimate_cost(short) == pytest.approx(3 * 0.025)
     assert estimate_cost(short.model_copy(update={"resolution": "1080p"})) == pytest.approx(3 * 0.045)
+    # the words as spoken: a loop in the template counts as what it renders to, not its source
+    looped = VideoRequest(image="a.jpg", voice_script="{% for i in range(n) %}word {% endfor %}",
+                          template_fields={"n": 400})
+    assert estimate_cost(looped) == pytest.approx((1 + 400 / 2.5) * 0.025)
+    field = VideoRequest(image="a.jpg", voice_script="{{ text }}", template_fields={"text": "w " * 1000})
+    assert estimate_cost(field) == pytest.approx((1 + 1000 / 2.5) * 0.025)
+    with pytest.raises(TemplateError, match="5000"):
+        estimate_cost(VideoRequest(image="a.jpg", voice_script="{{ 'ab ' * 10**7 }}", template_fields={"x": 1}))
     p = plan([0.4, 0.4, 0.4, 0.1], 1.0)
     assert p.submit == [True, True, False, False] and p.stopped_at == 2 and p.planned == pytest.approx(0.8)
     assert "budget" in p.reason(3)
@@ -169,5 +196,6 @@ def test_batch_command(pipeline_env, tmp_path, portrait_path):
 
 @pytest.mark.parametrize("example", ["examples/calendar.csv", "examples/calendar.jsonl"])
 def test_examples_parse(example):
-    rows = check_sources(read_calendar(str(ROOT / example)), base=ROOT)
+    policy = SourcePolicy(local_roots=(str(ROOT),))
+    rows = check_sources(read_calendar(str(ROOT / example), policy=policy), base=ROOT, policy=policy)
     assert rows and all(r.error is None for r in rows)

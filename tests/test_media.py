@@ -18,6 +18,7 @@ from PIL import Image
 
 from avatarflow import media
 from avatarflow.media import MediaError, check_audio, check_portrait, probe_video, read_source
+from avatarflow.sources import SourcePolicy
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -184,18 +185,25 @@ def test_too_many_bytes(portrait_bytes):
 
 # ---- read_source --------------------------------------------------------------------------------
 def test_read_local_path_and_file_url(portrait_path, portrait_bytes):
-    assert read_source(str(portrait_path), field="image", max_bytes=10**7) == portrait_bytes
-    assert read_source(portrait_path.as_uri(), field="image", max_bytes=10**7) == portrait_bytes
+    policy = SourcePolicy(local_roots=(str(portrait_path.parent),))
+    assert read_source(str(portrait_path), field="image", max_bytes=10**7, policy=policy) == portrait_bytes
+    assert read_source(portrait_path.as_uri(), field="image", max_bytes=10**7, policy=policy) == portrait_bytes
     with pytest.raises(MediaError, match="too large"):
-        read_source(str(portrait_path), field="image", max_bytes=100)
+        read_source(str(portrait_path), field="image", max_bytes=100, policy=policy)
+    with pytest.raises(MediaError, match="local paths are not allowed"):
+        read_source(str(portrait_path), field="image", max_bytes=10**7)  # the default policy
 
 
-def test_read_missing_path(tmp_path):
-    with pytest.raises(MediaError) as ei:
-        read_source(str(tmp_path / "nope.jpg"), field="image", max_bytes=10**6)
-    assert "no such file" in str(ei.value) and "nope.jpg" in str(ei.value)
-    with pytest.raises(MediaError, match="directory"):
-        read_source(str(tmp_path), field="image", max_bytes=10**6)
+def test_read_missing_path_tells_nothing_about_existence(tmp_path):
+    policy = SourcePolicy(local_roots=(str(tmp_path),))
+    (tmp_path / "there.jpg").write_bytes(b"")
+    messages = set()
+    for ref in (tmp_path / "nope.jpg", tmp_path, tmp_path / "there.jpg" / "x"):
+        with pytest.raises(MediaError) as ei:
+            read_source(str(ref), field="image", max_bytes=10**6, policy=policy)
+        assert str(ref) in str(ei.value) and ei.value.field == "image"
+        messages.add(ei.value.problem)
+    assert messages == {"is not a readable regular file under the allowed local roots"}
 
 
 def test_read_data_uri():
@@ -210,10 +218,12 @@ def test_read_data_uri():
 
 
 def test_read_unsupported_scheme_and_s3_without_client():
-    with pytest.raises(MediaError, match=r"unsupported scheme 'ftp:'.*allowed: an http\(s\) URL"):
+    with pytest.raises(MediaError, match=r"unsupported scheme 'ftp:'.*allowed: an https:// URL"):
         read_source("ftp://host/x.jpg", field="image", max_bytes=100)
-    with pytest.raises(MediaError, match="no S3 client"):
+    with pytest.raises(MediaError, match="only inside the archive bucket"):
         read_source("s3://bucket/key.jpg", field="image", max_bytes=100)
+    with pytest.raises(MediaError, match="no S3 client"):
+        read_source("s3://bucket/key.jpg", field="image", max_bytes=100, policy=SourcePolicy(archive=("bucket", "")))
     with pytest.raises(MediaError, match="empty"):
         read_source("  ", field="image", max_bytes=100)
 
@@ -251,18 +261,23 @@ def http_base():
 
 
 def test_read_http(http_base):
-    assert read_source(f"{http_base}/ok.bin", field="image", max_bytes=10_000) == b"x" * 5000
-    assert read_source(f"{http_base}/chunked.bin", field="image", max_bytes=10_000) == b"x" * 5000
+    # a test server on loopback is reachable only as an operator-allowed host
+    port = http_base.rsplit(":", 1)[1]
+    policy = SourcePolicy(allow_hosts=(f"127.0.0.1:{port}",))
+    with pytest.raises(MediaError, match="plain http"):
+        read_source(f"{http_base}/ok.bin", field="image", max_bytes=10_000)
+    assert read_source(f"{http_base}/ok.bin", field="image", max_bytes=10_000, policy=policy) == b"x" * 5000
+    assert read_source(f"{http_base}/chunked.bin", field="image", max_bytes=10_000, policy=policy) == b"x" * 5000
     with pytest.raises(MediaError, match=r"too large \(4\.9 KB\)"):
-        read_source(f"{http_base}/ok.bin", field="image", max_bytes=1000)
+        read_source(f"{http_base}/ok.bin", field="image", max_bytes=1000, policy=policy)
     with pytest.raises(MediaError, match="too large"):
-        read_source(f"{http_base}/chunked.bin", field="image", max_bytes=1000)
+        read_source(f"{http_base}/chunked.bin", field="image", max_bytes=1000, policy=policy)
     with pytest.raises(MediaError) as ei:
-        read_source(f"{http_base}/missing.jpg", field="image", max_bytes=1000)
+        read_source(f"{http_base}/missing.jpg", field="image", max_bytes=1000, policy=policy)
     assert "not found (HTTP 404)" in str(ei.value) and "/missing.jpg" in str(ei.value)
     assert not ei.value.transient
     with pytest.raises(MediaError, match="HTTP 503") as ei:
-        read_source(f"{http_base}/boom", field="audio", max_bytes=1000)
+        read_source(f"{http_base}/boom", field="audio", max_bytes=1000, policy=policy)
     assert ei.value.transient and str(ei.value).startswith("audio=")
 
 
