@@ -205,17 +205,37 @@ def stored(s3, s3_bucket, s3_prefix):
 
 
 def test_filer_refuses_unsigned_get_put_delete_while_s3_works(s3, s3_bucket, s3_prefix, stored, weed_ports):
+    """Refused: 401 where the filer's HTTP API runs (its JWT keys), 404 as set up here: that API
+    is off altogether (-disableHttp; nothing of ours uses it), over TCP and over its unix socket."""
+    refused = (401, 404)
     filer = f"http://127.0.0.1:{weed_ports['filer']}"
     url = f"{filer}/buckets/{s3_bucket}/{stored}"
-    assert httpx.get(url, timeout=10).status_code == 401
-    assert httpx.get(f"{filer}/buckets/{s3_bucket}/", timeout=10).status_code == 401, "no listing"
-    assert httpx.delete(url, timeout=10).status_code == 401
-    assert httpx.put(f"{filer}/buckets/{s3_bucket}/planted.txt", content=b"x", timeout=10).status_code == 401
-    assert httpx.post(f"{filer}/buckets/{s3_bucket}/planted.txt", content=b"x", timeout=10).status_code == 401
+    assert httpx.get(url, timeout=10).status_code in refused
+    assert httpx.get(f"{filer}/buckets/{s3_bucket}/", timeout=10).status_code in refused, "no listing"
+    assert httpx.delete(url, timeout=10).status_code in refused
+    assert httpx.put(f"{filer}/buckets/{s3_bucket}/planted.txt", content=b"x", timeout=10).status_code in refused
+    assert httpx.post(f"{filer}/buckets/{s3_bucket}/planted.txt", content=b"x", timeout=10).status_code in refused
+    for sock in Path("/tmp").glob(f"seaweedfs-filer-{weed_ports['filer']}.sock"):
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as local:
+            assert local.delete(f"http://filer/buckets/{s3_bucket}/{stored}", timeout=10).status_code in refused
     assert s3.get_object(Bucket=s3_bucket, Key=stored)["Body"].read() == b'{"request_id": "r1"}', "still there"
     listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="planted")
     assert listed.get("KeyCount", 0) == 0
     _s3_and_presigned_urls_work(s3, s3_bucket, s3_prefix)
+
+
+def test_master_http_api_cannot_drop_a_collection(s3, weed_ports):
+    """The master's HTTP API has no key: /col/delete would drop a bucket's data. It is off."""
+    bucket = f"canary-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="canary.txt", Body=b"alive")
+    master = f"http://127.0.0.1:{weed_ports['master']}"
+    for path in (f"/col/delete?collection={bucket}", "/dir/assign", "/vol/status"):
+        r = httpx.get(master + path, timeout=10)
+        assert r.status_code in (401, 403, 404), (path, r.status_code, r.text[:200])
+    assert s3.get_object(Bucket=bucket, Key="canary.txt")["Body"].read() == b"alive"
+    s3.delete_object(Bucket=bucket, Key="canary.txt")
+    s3.delete_bucket(Bucket=bucket)
 
 
 def test_volume_server_refuses_unsigned_reads_and_writes(weed_ports):
@@ -323,3 +343,18 @@ def test_prefect_cors_only_from_its_own_ui(prefect_server):  # noqa: F811
     assert evil.headers.get("access-control-allow-origin") not in ("*", "https://evil.example"), dict(evil.headers)
     own = httpx.options(url, headers={"Origin": prefect_server.ui_url, **pre}, timeout=10)
     assert own.status_code == 200 and own.headers.get("access-control-allow-origin") == prefect_server.ui_url
+
+
+def test_deploy_and_emit_find_the_local_servers_auth_string(prefect_server):  # noqa: F811
+    """`avatarflow deploy` and `emit` with neither PREFECT_API_URL nor PREFECT_API_AUTH_STRING set
+    reach the local server of the avatarflow home, auth string included (ops_cli.client_settings)."""
+    code = ("import asyncio\nfrom prefect.settings import temporary_settings\n"
+            "from prefect.client.orchestration import get_client\n"
+            "from avatarflow.ops_cli import api_url, client_settings\n"
+            "async def main():\n    async with get_client() as c:\n"
+            "        print('pools', len(await c.read_work_pools()))\n"
+            "with temporary_settings(client_settings(api_url())):\n    asyncio.run(main())\n")
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    done = subprocess.run([sys.executable, "-c", code], env={**bare, "AVATARFLOW_HOME": str(prefect_server.home)},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "pools" in done.stdout, done.stderr[-2000:]

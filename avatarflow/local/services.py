@@ -23,8 +23,10 @@ State lives in a home directory (env ``AVATARFLOW_HOME``, default ``<cwd>/.avata
 Every directory is 0700 (tightened at each start), every file holding a secret 0600.
 SeaweedFS runs with JWT signing keys for master/volume (``jwt.signing``, ``jwt.signing.read``)
 and the filer (``jwt.filer_signing``, ``jwt.filer_signing.read``): its filer and volume HTTP
-ports refuse unsigned reads and writes (401), so only S3 with the credentials (and presigned
-URLs) reaches the data. CORS is allowed only from the S3 endpoint's own origin, not ``*``.
+ports refuse unsigned reads and writes (401), and the master's HTTP API, which no key guards
+(``/col/delete`` would drop the bucket's data), is off (``-disableHttp``; gRPC only), so only S3
+with the credentials (and presigned URLs) reaches the data. CORS is allowed only from the S3
+endpoint's own origin, not ``*``.
 
 No function here logs or prints a credential; the dataclasses keep secrets out of ``repr``.
 """
@@ -538,6 +540,7 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
             f"-s3.allowedOrigins={origin}",
             f"-filer.allowedOrigins={origin}",
             "-filer.exposeDirectoryData=false",
+            "-disableHttp",  # master's HTTP API (/col/delete, /dir/assign...) has no auth: off; gRPC stays
             f"-s3.config={s3_json}",
             f"-bucket={bucket}",
         ]
@@ -592,12 +595,16 @@ def _security_toml(keys: dict[str, str], origin: str) -> str:
 
 def _abort_incomplete_uploads(svc: S3Service) -> None:
     """Bucket lifecycle: abort incomplete multipart uploads after ABORT_MULTIPART_DAYS."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     client = svc.client()
     try:
         client.put_bucket_lifecycle_configuration(Bucket=svc.bucket, LifecycleConfiguration={"Rules": [{
             "ID": "avatarflow-abort-incomplete-multipart", "Status": "Enabled", "Filter": {"Prefix": ""},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_MULTIPART_DAYS},
         }]})
+    except (BotoCoreError, ClientError) as exc:  # a weed without lifecycle support: S3 still works
+        log.warning("SeaweedFS refused the bucket lifecycle rule (abort incomplete uploads): %s", exc)
     finally:
         with contextlib.suppress(Exception):
             client.close()
