@@ -1,8 +1,18 @@
-"""Polling against the local API with a fixed processing time: status requests per job and how
-long after COMPLETED the client noticed, for avatarflow's schedule and the vendor SDK's
-1-second polling, on the same kind of jobs in the same run.
+"""Knowing when a job is done: API requests per job and the time from COMPLETED to noticed, for
+the vendor SDK's 1-second polling, the fixed schedule avatarflow used before (around a 100 s
+expectation) and the predictive plan (avatarflow.duration), cold and after a warm-up, side by
+side in one run against the local API's vendor-like timing mode.
 
-    .venv/bin/python -m bench.bench_poll [--jobs 5] [--processing 100]
+    .venv/bin/python -m bench.bench_poll [--jobs 30] [--warmup 5] [--stagger 120] [--seed 1]
+
+The jobs last 20 to 300 s, log-uniformly; no client is told how long. Each job speaks an audio
+track whose length sets its processing time in the timing mode (queue wait 3 +- 1 s, then 3.0 s
+per output second at 720p, 1 % jitter: the mode's defaults, which are also the duration model's
+cold prior). The clients know only what a real pipeline knows: the request (so the speech's
+length), and the results of the jobs they finished. Every client submits the same jobs (same
+bodies and seeds) at the same offsets, so the jobs have the same times for every client and are
+rendered once (the local engine shares identical renders). Requests are counted on the client
+side; "noticed" is when the client holds the result, against the server's `completed_at`.
 """
 
 from __future__ import annotations
@@ -10,33 +20,49 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextvars
+import io
+import math
+import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import wave
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import numpy as np
 
-from avatarflow.client import SegmindClient
+from avatarflow.client import SegmindClient, poll_offsets
+from avatarflow.contract import EXPECTED_DURATION_S
+from avatarflow.duration import Answer, DurationModel, Speech, next_poll, observation
 from avatarflow.local.services import free_ports
 
 ASSET = Path(__file__).resolve().parent.parent / "avatarflow" / "assets" / "portrait.jpg"
 KEY = "bench-key"
+QUEUE_WAIT, COST_720P = 3.0, 3.0  # the timing mode's defaults
+PER_MINUTE = 50  # the vendor's pro plan
+CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("job", default="?")
 
 
-def _start_server(processing: float, workers: int) -> tuple[subprocess.Popen, str]:
+# ------------------------------------------------------------------ server and jobs
+
+
+def _start_server(workers: int) -> tuple[subprocess.Popen, str]:
     port = free_ports(1)[0]
     proc = subprocess.Popen(
         [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--api-key", KEY, "--min-processing-time", str(processing), "--workers", str(workers),
-         "--data-dir", tempfile.mkdtemp(prefix="bench-poll-")],
+         "--timing", "vendor", "--workers", str(workers), "--data-dir", tempfile.mkdtemp(prefix="bench-poll-")],
+        env={**os.environ, "AVATARFLOW_LOCAL_API_KEY": KEY},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
+    for _ in range(300):
         try:
             if httpx.get(f"{base}/_local/health", timeout=1).status_code == 200:
                 return proc, base
@@ -47,86 +73,224 @@ def _start_server(processing: float, workers: int) -> tuple[subprocess.Popen, st
     raise SystemExit("local API did not start")
 
 
-def _stats(base: str) -> dict:
-    return httpx.get(f"{base}/_local/stats", headers={"x-api-key": KEY}, timeout=5).json()
+def _jobs_info(base: str) -> dict:
+    return httpx.get(f"{base}/_local/stats", headers={"x-api-key": KEY}, timeout=30).json()["jobs"]
 
 
-def _status_calls(base: str) -> int:
-    return int(_stats(base)["requests"].get("status", 0))
+def _wav(seconds: float, seed: int) -> bytes:
+    """A speech-like track (noise shaped by a ~4 Hz syllable envelope), 8 kHz, 8 bit."""
+    rate = 8000
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    envelope = np.clip(np.sin(2 * np.pi * 4.0 * t + rng.uniform(0, 6)) + 0.3, 0, None)
+    signal = envelope * (0.6 * np.sin(2 * np.pi * 180 * t) + 0.4 * rng.standard_normal(t.size)) * 0.5
+    data = np.clip(128 + 127 * signal, 0, 255).astype(np.uint8).tobytes()
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(1)
+        w.setframerate(rate)
+        w.writeframes(data)
+    return out.getvalue()
 
 
-def _completed_at(base: str, request_id: str) -> float:
-    return float(_stats(base)["jobs"][request_id]["completed_at"])
+class Job:
+    def __init__(self, name: str, total_s: float, arrival: float, seed: int, image: str):
+        self.name, self.arrival = name, arrival
+        self.speech_s = max(1.0, (total_s - QUEUE_WAIT) / COST_720P)
+        audio = _wav(self.speech_s, seed)
+        self.speech_s = len(audio[44:]) / 8000.0
+        self.payload = {"image": image, "audio": "data:audio/wav;base64," + base64.b64encode(audio).decode(),
+                        "seed": seed, "resolution": "720p"}
 
 
-def _payload(i: int) -> dict:
-    image = "data:image/jpeg;base64," + base64.b64encode(ASSET.read_bytes()).decode()
-    return {"image": image, "voice_script": f"Benchmark job number {i}.", "seed": i}
+def _jobs(n: int, seed: int, lo: float, hi: float, stagger: float, image: str, prefix: str) -> list[Job]:
+    rng = random.Random(seed)
+    return [Job(f"{prefix}{i}", math.exp(rng.uniform(math.log(lo), math.log(hi))), rng.uniform(0, stagger),
+                seed * 1000 + i, image) for i in range(n)]
 
 
-async def _ours(base: str, jobs: int, expected: float) -> list[tuple[str, float]]:
-    async with SegmindClient(api_key=KEY, base_url=base) as client:
-        async def one(i: int) -> tuple[str, float]:
-            sub = await client.submit(_payload(i))
-            seen = {}
-
-            def on_status(e) -> None:
-                if e.status == "COMPLETED":
-                    seen["t"] = time.time()
-
-            await client.wait(sub.request_id, submitted_at=time.time(), expected_s=expected, on_status=on_status)
-            return sub.request_id, seen["t"]
-
-        return await asyncio.gather(*(one(i) for i in range(jobs)))
+# ------------------------------------------------------------------ clients
 
 
-def _sdk(base: str, jobs: int) -> list[tuple[str, float]]:
+class Counting(httpx.AsyncBaseTransport):
+    """Counts each API request by job and kind (submit, status, result)."""
+
+    def __init__(self, counts: dict):
+        self.inner, self.counts = httpx.AsyncHTTPTransport(), counts
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.counts[(CURRENT.get(), _kind(request.method, request.url.path))] += 1
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _kind(method: str, path: str) -> str:
+    if method == "POST":
+        return "submit"
+    return "status" if path.endswith("/status") else "result"
+
+
+async def _fixed_wait(client: SegmindClient, rid: str, start: float) -> None:
+    """The schedule before issue 10: status polls at poll_offsets(100 s), then the result."""
+    for offset in poll_offsets(EXPECTED_DURATION_S):
+        await asyncio.sleep(max(0.0, start + offset - time.time()))
+        st = await client.status(rid)
+        if st.status == "COMPLETED":
+            await client.result(rid)
+            return
+
+
+async def _plan_wait(client: SegmindClient, rid: str, start: float, model: DurationModel, speech: Speech) -> None:
+    """The predictive plan: the prediction is re-read from the (learning) model before each
+    poll; polls in the window go to the result endpoint, which carries the status."""
+    answers: list[Answer] = []
+    while True:
+        pred = model.predict("720p", speech)
+        poll = next_poll(pred, answers, now=time.time() - start)
+        await asyncio.sleep(max(0.0, start + poll.at - time.time()))
+        at = time.time() - start
+        if poll.endpoint == "result":
+            r = await client.result(rid)
+            if r.status == "COMPLETED":
+                model.add(observation(rid, pred, metrics=r.metrics))
+                return
+            status = r.status
+        else:
+            status = (await client.status(rid)).status
+            if status == "COMPLETED":
+                r = await client.result(rid)
+                model.add(observation(rid, pred, metrics=r.metrics))
+                return
+        answers.append(Answer(at, status))
+
+
+async def _run_async(kind: str, base: str, jobs: list[Job], counts: dict, noticed: dict,
+                     model: DurationModel | None = None) -> None:
+    async with SegmindClient(api_key=KEY, base_url=base, transport=Counting(counts)) as client:
+        t0 = time.time()
+
+        async def one(job: Job) -> None:
+            CURRENT.set(f"{kind}:{job.name}")
+            await asyncio.sleep(max(0.0, t0 + job.arrival - time.time()))
+            start = time.time()
+            rid = (await client.submit(job.payload)).request_id
+            if kind == "fixed":
+                await _fixed_wait(client, rid, start)
+            else:
+                await _plan_wait(client, rid, start, model, Speech(job.speech_s, True))
+            noticed[f"{kind}:{job.name}"] = (rid, time.time())
+
+        await asyncio.gather(*(one(j) for j in jobs))
+
+
+def _run_sdk(base: str, jobs: list[Job], counts: dict, noticed: dict) -> list[threading.Thread]:
     from segmind import SegmindClient as VendorClient
 
-    client = VendorClient(api_key=KEY, base_url=f"{base}/v1")
-    out: list[tuple[str, float]] = [None] * jobs  # type: ignore[list-item]
+    t0 = time.time()
+    lock = threading.Lock()
 
-    def one(i: int) -> None:
-        job = client.submit_async("p-video-avatar", **_payload(1000 + i))
-        job.wait(timeout=900, interval=1.0)
-        out[i] = (job.request_id, time.time())
+    def one(job: Job) -> None:
+        name = f"sdk:{job.name}"
+        vc = VendorClient(api_key=KEY, base_url=f"{base}/v1")
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(jobs)]
+        def hook(request: httpx.Request) -> None:
+            with lock:
+                counts[(name, _kind(request.method, request.url.path))] += 1
+
+        vc._client.event_hooks["request"] = [hook]
+        time.sleep(max(0.0, t0 + job.arrival - time.time()))
+        handle = vc.submit_async("p-video-avatar", **job.payload)
+        handle.wait(timeout=1800, interval=1.0)
+        noticed[name] = (handle.request_id, time.time())
+
+    threads = [threading.Thread(target=one, args=(j,), daemon=True) for j in jobs]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    return out
+    return threads
 
 
-def _measure(name: str, base: str, run) -> dict:
-    before = _status_calls(base)
-    seen = run()
-    polls = (_status_calls(base) - before) / len(seen)
-    slack = [t - _completed_at(base, rid) for rid, t in seen]
-    return {"client": name, "status_per_job": polls, "slack_median_s": statistics.median(slack),
-            "slack_max_s": max(slack)}
+# ------------------------------------------------------------------ report
+
+
+def _p95(xs: list[float]) -> float:
+    return sorted(xs)[max(0, math.ceil(0.95 * len(xs)) - 1)]
+
+
+def _rows(label: str, kind: str, jobs: list[Job], counts: dict, noticed: dict, info: dict) -> dict:
+    names = [f"{kind}:{j.name}" for j in jobs]
+    per = {k: statistics.mean(counts[(n, k)] for n in names) for k in ("submit", "status", "result")}
+    total = sum(per.values())
+    slack = [noticed[n][1] - info[noticed[n][0]]["completed_at"] for n in names]
+    return {"client": label, **per, "all": total, "median": statistics.median(slack), "p95": _p95(slack),
+            "max": max(slack), "per_day": PER_MINUTE * 60 * 24 / total}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", type=int, default=5)
-    ap.add_argument("--processing", type=float, default=100.0)
+    ap.add_argument("--jobs", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup-max", type=float, default=120.0, help="longest warm-up job (s)")
+    ap.add_argument("--min", type=float, default=20.0)
+    ap.add_argument("--max", type=float, default=300.0)
+    ap.add_argument("--stagger", type=float, default=120.0, help="submits spread over this many seconds")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    proc, base = _start_server(args.processing, args.jobs)
+
+    image = "data:image/jpeg;base64," + base64.b64encode(ASSET.read_bytes()).decode()
+    jobs = _jobs(args.jobs, args.seed, args.min, args.max, args.stagger, image, "j")
+    warmup = _jobs(args.warmup, args.seed + 100, args.min, args.warmup_max, 0.0, image, "w")
+    proc, base = _start_server(args.workers)
+    counts: dict = defaultdict(int)
+    noticed: dict = {}
+    cold, warm = DurationModel(), DurationModel()
+    began = time.time()
     try:
-        rows = [
-            _measure("avatarflow", base, lambda: asyncio.run(_ours(base, args.jobs, args.processing))),
-            _measure("segmind SDK (interval 1 s)", base, lambda: _sdk(base, args.jobs)),
-        ]
+        sdk_threads = _run_sdk(base, jobs, counts, noticed)
+
+        async def everything() -> None:
+            async def warm_then_run() -> None:
+                await _run_async("warmup", base, warmup, counts, noticed, warm)
+                await _run_async("warm", base, jobs, counts, noticed, warm)
+
+            await asyncio.gather(
+                _run_async("fixed", base, jobs, counts, noticed),
+                _run_async("cold", base, jobs, counts, noticed, cold),
+                warm_then_run(),
+            )
+
+        asyncio.run(everything())
+        for t in sdk_threads:
+            t.join()
+        info = _jobs_info(base)
     finally:
         proc.terminate()
         proc.wait(10)
-    print(f"{args.jobs} jobs per client, minimum processing time {args.processing:.0f} s (local API)")
-    print(f"{'client':28} {'status req/job':>15} {'slack median':>13} {'slack max':>10}")
+    wall = time.time() - began
+
+    totals = [info[noticed[f"cold:{j.name}"][0]]["completed_at"] - info[noticed[f"cold:{j.name}"][0]]["created_at"]
+              for j in jobs]
+    late = sum(1 for rid, _ in noticed.values() if info[rid]["completed_at"] - info[rid]["created_at"]
+               - (info[rid]["modelled_queue_s"] or 0) - (info[rid]["modelled_processing_s"] or 0) > 0.5)
+    rows = [
+        _rows("segmind SDK (1 s polling)", "sdk", jobs, counts, noticed, info),
+        _rows(f"fixed schedule ({EXPECTED_DURATION_S:.0f} s)", "fixed", jobs, counts, noticed, info),
+        _rows("predictive plan, cold", "cold", jobs, counts, noticed, info),
+        _rows(f"predictive plan, warm ({args.warmup} jobs)", "warm", jobs, counts, noticed, info),
+    ]
+    print(f"{args.jobs} jobs per client, {min(totals):.0f} to {max(totals):.0f} s (median {statistics.median(totals):.0f} s), "
+          f"log-uniform over {args.min:.0f}..{args.max:.0f} s, submitted over {args.stagger:.0f} s; local API "
+          f"--timing vendor (queue 3 +- 1 s, 720p 3.0 s per output second, 1 % jitter); "
+          f"{late} of {len(noticed)} jobs ended after their modelled time (render-bound); bench took {wall:.0f} s")
+    print()
+    print("| client | submit | status | result | all API requests per job | noticed after COMPLETED: median | p95 | max | videos a day under 50 requests/min |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{r['client']:28} {r['status_per_job']:15.1f} {r['slack_median_s']:12.2f}s {r['slack_max_s']:9.2f}s")
-    print(f"ratio of status requests (SDK / avatarflow): {rows[1]['status_per_job'] / rows[0]['status_per_job']:.1f}x")
+        print(f"| {r['client']} | {r['submit']:.1f} | {r['status']:.1f} | {r['result']:.1f} | {r['all']:.1f} | "
+              f"{r['median']:.2f} s | {r['p95']:.2f} s | {r['max']:.2f} s | {r['per_day']:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def set_default_timing(timing: Timing) -> None:
 
 
 def request_key(body: dict[str, Any], seed: int | None) -> str:
-    """A request's identity for the timing draws and the shared render: its body and seed."""
+    """A request's identity for the timing draws and the shared render: its canonical body
+    (`AvatarRequest.body()`, defaults filled in) and seed."""
     canon = json.dumps({**body, "seed": seed}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canon.encode()).hexdigest()
 
@@ -202,7 +203,7 @@ class JobQueue:
         """The vendor-like mode: modelled times, the render running meanwhile."""
         req = job.request
         job.seed = random_seed() if req.random_seed else int(req.seed)
-        key = request_key(job.body, job.seed)
+        key = request_key(req.body(), job.seed)
         queue_s, factor = self.timing.draws(key)
         job.modelled_queue_s = queue_s
         render = asyncio.ensure_future(self._shared_render(job, key, shared=not req.random_seed))
