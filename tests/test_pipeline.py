@@ -280,3 +280,58 @@ def test_unresolved_submit_is_taken_over_only_once_stale_and_absent_from_history
     time.sleep(1.1)
     out = run(**request_args, seed=5150)
     assert out["s3_uri"] and len(api.stats()["jobs"]) == jobs_before + 1
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return {t.name.rsplit("-", 1)[0]: t.state.name for t in asyncio.run(read())}
+
+
+def test_cache_hit_is_a_cached_state_and_needs_the_videos_checksum(api, pipeline_env, request_args, s3):
+    first = run(**request_args, seed=3131)
+    state = asyncio.run(avatar_video(request=VideoRequest(**request_args, seed=3131), return_state=True))
+    assert _task_states(state.state_details.flow_run_id)["cache-lookup"] == "Cached"
+    bucket, key = first["s3_uri"][5:].split("/", 1)
+    s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
+                   Metadata={"sha256": "0" * 64}, MetadataDirective="REPLACE", ContentType="video/mp4")
+    submits = calls(api, "submit")
+    again = run(**request_args, seed=3131)
+    assert again["cache_hit"] is False, "a video whose checksum differs from the manifest's is no cache hit"
+    assert again["request_id"] == first["request_id"] and calls(api, "submit") == submits, "the ledger's request is reused"
+
+
+def test_resume_flow_finds_the_ledger_entry_through_the_index(api, pipeline_env, request_args):
+    from avatarflow import config, pipeline
+    from avatarflow.ledger import Ledger
+    from avatarflow.store import Store
+    from flows.avatar_resume import avatar_resume
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterSubmit(pipeline.Steps):
+        async def wait(self, ctx, plan, job, resubmit_expired):
+            raise Crash(job.request_id)
+
+    async def submit_then_crash() -> str:
+        a, settings = config.archive_settings(), config.api_settings()
+        store = Store(a.s3(), a.bucket, a.prefix)
+        async with settings.client() as client:
+            ctx = pipeline.Context(client, store, Ledger(store), "local", 3.0, log=lambda m: None)
+            with pytest.raises(Crash) as e:
+                await pipeline.make_video(ctx, VideoRequest(**request_args), CrashAfterSubmit())
+        return str(e.value)
+
+    rid = asyncio.run(submit_then_crash())
+    submits, history = calls(api, "submit"), calls(api, "history")
+    out = asyncio.run(avatar_resume(request_id=rid, expected_seconds=3))
+    assert out["request_id"] == rid and out["seed_random"] is True, "the seed's origin comes from the ledger entry"
+    assert calls(api, "submit") == submits and calls(api, "history") == history, "found by the index, not the history"
+    with pytest.raises(Exception, match="request_id="):
+        asyncio.run(avatar_resume(request_id="../../etc/passwd"))
