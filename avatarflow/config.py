@@ -47,6 +47,8 @@ class Environment(BaseSettings):
     aws_region: str | None = None
     aws_default_region: str | None = None
     prefect_api_url: str | None = None
+    # a store that ignores conditional writes is refused unless one worker alone uses it
+    avatarflow_ledger_single_worker: bool = False
 
 
 def environment() -> Environment:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect_aws import AwsCredentials, S3Bucket
 from prefect_aws.credentials import AwsClientParameters
 
-from avatarflow.settings import ArchiveSettings
+from avatarflow.config import ArchiveSettings
 from avatarflow.store import Store
 
 

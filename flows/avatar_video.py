@@ -13,7 +13,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from avatarflow import progress, settings
+from avatarflow import config, progress
 from avatarflow.client import PollEvent
 from avatarflow.ledger import Ledger
 from avatarflow.pipeline import Archived, Context, VideoResult, make_video, shown_source
@@ -36,14 +36,14 @@ def _run_name() -> str:
 
 async def resolve(
     credentials_block: str | None, archive_block: str | None, backend: str | None
-) -> tuple[settings.ApiSettings, Store]:
+) -> tuple[config.ApiSettings, Store]:
     """API and archive from named blocks, else from the environment or the local services."""
     if credentials_block:
         from blocks.credentials import SegmindCredentials
 
         api = (await SegmindCredentials.load(credentials_block)).settings()
     else:
-        api = settings.api_settings(backend)
+        api = config.api_settings(backend)
     if archive_block:
         from prefect_aws import S3Bucket
 
@@ -51,7 +51,7 @@ async def resolve(
 
         store = store_from_block(await S3Bucket.load(archive_block))
     else:
-        a = settings.archive_settings()
+        a = config.archive_settings()
         store = Store(s3=a.s3(), bucket=a.bucket, prefix=a.prefix)
     return api, store
 
@@ -117,7 +117,8 @@ async def pipeline_context(
 
     async with api.client(limiter=_limiter(rate_limit)) as client:
         yield Context(
-            client=client, store=store, ledger=Ledger(store), backend=api.backend,
+            client=client, store=store, backend=api.backend,
+            ledger=Ledger(store, require_conditional=not config.environment().avatarflow_ledger_single_worker),
             expected_seconds=expected_seconds or api.expected_seconds, log=logger.info, on_status=on_status,
         )
 

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -30,7 +31,7 @@ class FakeStore:
         self.ignores_conditions = ignores_conditions
         self.bucket = "fake"
         self.prefix = ""
-        self.s3 = SimpleNamespace(meta=SimpleNamespace(endpoint_url=f"memory://{id(self)}"))
+        self.s3 = SimpleNamespace(meta=SimpleNamespace(endpoint_url=f"memory://{uuid.uuid4().hex}"))
         self.write_gates: dict[str, asyncio.Event] = {}  # who -> event awaited before each write
         self.reads: dict[str, asyncio.Event] = {}
         self.writes: list[tuple[str, str, str]] = []
