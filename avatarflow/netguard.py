@@ -93,12 +93,16 @@ def _fail(field: str, ref: str, problem: str, *, allowed: str | None = URL_ALLOW
 
 
 def _display(ref: str) -> str:
-    """A URL as shown in errors: no query string or fragment (they may hold a signature)."""
+    """A URL as shown in errors and records: no credentials, query string or fragment (they may
+    hold a password or a signature)."""
     try:
         u = httpx.URL(ref)
-        return str(u.copy_with(query=None, fragment=None)) + ("?..." if u.query else "")
+        shown = str(u.copy_with(query=None, fragment=None, userinfo=b""))
+        return shown + ("?..." if u.query else "")
     except Exception:
-        return ref.split("?", 1)[0].split("#", 1)[0]
+        head = ref.split("?", 1)[0].split("#", 1)[0]
+        scheme, sep, rest = head.partition("://")
+        return scheme + sep + rest.rsplit("@", 1)[-1] if sep else head
 
 
 _RESOLVER = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="netguard-dns")
@@ -129,6 +133,9 @@ async def _check_hop(url: httpx.URL, ref: str, field: str, guard: Guard, deadlin
     exempt = guard.exempt(host, port)
     if url.scheme == "http" and not (guard.allow_http or exempt):
         raise _fail(field, ref, "plain http:// is not allowed (only https://)")
+    name = host.lower().rstrip(".")
+    if not exempt and (name == "localhost" or name.endswith(".localhost")):
+        raise _fail(field, ref, "resolves to a loopback address, which is never fetched")
     try:
         addrs = await _resolve(host, port, deadline - time.monotonic())
     except asyncio.TimeoutError:

@@ -8,7 +8,8 @@ Flow parameters come from the Prefect UI, the API and events, so by default a so
 - a ``data:`` URI within the size cap.
 
 Local paths (and ``file://`` URLs, the same thing) are read only under the operator's
-``local_roots`` (default: none): regular files only (no FIFO, device or directory), walked
+``local_roots`` (default: none): regular files only (no FIFO, device, directory or hard-linked
+file; procfs/sysfs pseudo-files read as empty), walked
 from the root's directory descriptor component by component with O_NOFOLLOW, so no symlink
 and no ``..`` leads out of the root. Plain ``http://`` only with ``allow_http`` (or to an
 ``allow_hosts`` host). The operator sets the policy through avatarflow.config (the
@@ -314,8 +315,9 @@ def local_root_of(path: str, policy: SourcePolicy) -> tuple[str, list[str]] | No
 def open_under_root(root: str, parts: list[str]) -> int:
     """A read-only fd of the regular file root/parts..., walked from the root's directory fd
     with O_NOFOLLOW at every step (a symlink anywhere below the root is refused), checked with
-    lstat before opening (a FIFO or a device is never opened) and with fstat after. OSError
-    otherwise."""
+    lstat before opening (a FIFO or a device is never opened; a file with more than one hard
+    link is refused, since the other link may be outside the root) and with fstat after (the
+    same inode). OSError otherwise."""
     if not parts or any(p in ("", ".", "..") or os.sep in p for p in parts):
         raise IsADirectoryError(root)
     nofollow = getattr(os, "O_NOFOLLOW", 0)
@@ -328,7 +330,7 @@ def open_under_root(root: str, parts: list[str]) -> int:
             os.close(fd)
             fd = nxt
         st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link may name a file outside
             raise IsADirectoryError(parts[-1])
         file_fd = os.open(parts[-1], os.O_RDONLY | nofollow | cloexec | getattr(os, "O_NONBLOCK", 0)
                           | getattr(os, "O_NOCTTY", 0), dir_fd=fd)

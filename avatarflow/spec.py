@@ -18,7 +18,10 @@ PRESET_FIELDS = (
 SOURCE_SCHEMES = ("http://", "https://", "s3://", "file://", "data:")
 
 
-SOURCE_MAX_CHARS = 64 * 1024 * 1024   # a data: URI of the largest media (50 MB as base64), with room
+# A source as a flow parameter: Prefect stores at most 512 KiB of parameters a run (its default
+# PREFECT_SERVER_API_MAX_PARAMETER_SIZE), so a larger data: URI could never start a run. Larger
+# media go to S3 (the archive) or an https URL.
+SOURCE_MAX_CHARS = 512 * 1024
 TEMPLATE_FIELDS_MAX_CHARS = 64 * 1024  # template_fields as JSON
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 
@@ -33,7 +36,8 @@ def _check_source(field: str, value: Any) -> Any:
             f"{field}={shown} is required: a URL, a local path, an s3:// URI or a data: URI"
         )
     if len(value) > SOURCE_MAX_CHARS:
-        raise ValueError(f"{field} is too long ({len(value)} characters); allowed: at most {SOURCE_MAX_CHARS}")
+        raise ValueError(f"{field} is too long ({len(value)} characters); allowed: at most {SOURCE_MAX_CHARS} "
+                         "characters (larger media: an s3:// URI in the archive, or an https URL)")
     if "\x00" in value:
         raise ValueError(f"{field} contains a NUL character; allowed: a URL, a path, an s3:// URI or a data: URI")
     value = value.strip()
