@@ -358,3 +358,26 @@ def test_deploy_and_emit_find_the_local_servers_auth_string(prefect_server):  # 
     done = subprocess.run([sys.executable, "-c", code], env={**bare, "AVATARFLOW_HOME": str(prefect_server.home)},
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "pools" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_seaweedfs_started_without_the_keys_is_restarted_with_them(tmp_path):
+    """`local up` on a home whose weed predates the keys does not reuse it as it is."""
+    from avatarflow.local import services
+
+    home = tmp_path / "home"
+    svc = services.start_s3(home, timeout=60, attempts=4, die_with_parent=True)
+    try:
+        again = services.start_s3(home, timeout=60, die_with_parent=True)
+        assert again.pid == svc.pid, "a hardened weed is reused"
+        (home / "s3" / "security.toml").unlink()  # as a home made before the keys
+        fresh = services.start_s3(home, timeout=60, attempts=4, die_with_parent=True)
+        assert fresh.pid != svc.pid
+        assert services._process(svc.pid, services._weed_marker(home)) is None, "the old weed is stopped"
+        assert _mode(home / "s3" / "security.toml") == 0o600
+        assert "-disableHttp" in psutil.Process(fresh.pid).cmdline()
+        client = fresh.client()
+        client.put_object(Bucket=fresh.bucket, Key="k", Body=b"v")
+        assert client.get_object(Bucket=fresh.bucket, Key="k")["Body"].read() == b"v"
+        client.close()
+    finally:
+        services.down(home)

@@ -438,6 +438,14 @@ def _s3_answers(svc: S3Service, timeout: float = 2.0) -> bool:
             client.close()
 
 
+def _hardened(proc: psutil.Process, home: Path) -> bool:
+    """Whether a running weed was started as start_s3 starts it now (security.toml, HTTP off)."""
+    try:
+        return "-disableHttp" in proc.cmdline() and (home / "s3" / "security.toml").exists()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _weed_marker(home: Path) -> str:
     return str(home / "s3" / "data")
 
@@ -485,7 +493,11 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
     marker = _weed_marker(home)
     current = load_services(home)
     if current and current.s3 and current.s3.pid:
-        if _process(current.s3.pid, marker) is not None:
+        running = _process(current.s3.pid, marker)
+        if running is not None and not _hardened(running, home):
+            log.warning("SeaweedFS pid %s runs without the JWT keys and -disableHttp: restarting it", current.s3.pid)
+            _stop_group(current.s3.pid, marker)
+        elif running is not None:
             if _wait(lambda: _s3_answers(current.s3, timeout=2.0), None, min(timeout, 10.0)):
                 current.s3.running = current.s3.answering = True
                 log.info("reusing SeaweedFS pid %s at %s", current.s3.pid, current.s3.endpoint_url)
