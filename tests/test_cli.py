@@ -6,19 +6,31 @@ import asyncio
 import base64
 import json
 
+from pathlib import Path
+
+import pytest
 from typer.testing import CliRunner
 
-from avatarflow import media
-from avatarflow.cli import app
+from avatarflow import media, sources
+from avatarflow.cli import app, cli_roots
 from avatarflow.client import SegmindClient
+from avatarflow.media import MediaError
+from avatarflow.spec import VideoRequest
+from flows.avatar_video import avatar_video
 
 runner = CliRunner()
 
 
-def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path, tmp_path):
+def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path, tmp_path, monkeypatch):
+    """The operator allows no local path; `avatarflow run` on one's own machine widens the policy
+    to the working directory and the given file's directory, for its own run only."""
+    monkeypatch.delenv("AVATARFLOW_SOURCES_LOCAL_ROOTS", raising=False)
+    mine = tmp_path / "mine" / "portrait.jpg"
+    mine.parent.mkdir()
+    mine.write_bytes(portrait_path.read_bytes())
     out = tmp_path / "copy.mp4"
     r = runner.invoke(app, [
-        "run", "--image", str(portrait_path), "--voice-script", "Hi {{ name }}.", "--field", "name=Ada",
+        "run", "--image", str(mine), "--voice-script", "Hi {{ name }}.", "--field", "name=Ada",
         "--voice", "Puck (Male)", "--voice-language", "English (UK)", "--seed", "11",
         "--expected-seconds", "3", "--output", str(out), "--json",
     ])
@@ -29,6 +41,19 @@ def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path
     probe = media.probe_video(out)
     assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
     assert api.api_key not in r.output
+    assert sources.cli_roots() == (), "the widening ends with the run"
+    # the same file as a flow parameter (UI, API, event): refused, nothing submitted
+    submits = api.stats()["requests"].get("submit", 0)
+    with pytest.raises(MediaError, match="local paths are not allowed"):
+        asyncio.run(avatar_video(request=VideoRequest(image=str(mine), voice_script="Hi.", seed=11)))
+    assert api.stats()["requests"].get("submit", 0) == submits
+
+
+def test_cli_roots_are_the_working_directory_and_the_files_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    roots = cli_roots("/srv/media/p.jpg", "rel/a.wav", "file:///data/x/c.csv", "https://example.com/p.jpg",
+                      "s3://b/k.jpg", None)
+    assert roots == [tmp_path, Path("/srv/media"), tmp_path / "rel", Path("/data/x")]
 
 
 def test_run_rejects_bad_input_before_any_submit(api, pipeline_env, portrait_path):
@@ -38,7 +63,8 @@ def test_run_rejects_bad_input_before_any_submit(api, pipeline_env, portrait_pat
     r = runner.invoke(app, ["run", "--image", str(portrait_path), "--seed", "-5", "--voice-script", "x"])
     assert r.exit_code == 2 and "seed=-5" in r.output
     r = runner.invoke(app, ["run", "--image", "/no/such/portrait.jpg", "--voice-script", "x"])
-    assert r.exit_code == 2 and "/no/such/portrait.jpg" in r.output
+    assert r.exit_code == 2 and "/no/such/portrait.jpg" in r.output and "not a readable regular file" in r.output
+    assert "Errno" not in r.output
     assert api.stats()["requests"].get("submit", 0) == submits
 
 

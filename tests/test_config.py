@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from avatarflow import config, settings
+from avatarflow import config
 from avatarflow.client import DEFAULT_BASE_URL, DEFAULT_HISTORY_URL, SegmindClient
 from avatarflow.sources import SourcePolicy, policy_from_env
 
+ROOT = Path(__file__).resolve().parent.parent
 VARS = ("SEGMIND_API_KEY", "SEGMIND_BASE_URL", "SEGMIND_HISTORY_URL", "AVATARFLOW_BACKEND",
         "AVATARFLOW_S3_BUCKET", "AVATARFLOW_S3_ENDPOINT_URL", "AVATARFLOW_S3_PREFIX", "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AVATARFLOW_HOME")
@@ -26,9 +28,21 @@ def env(monkeypatch, tmp_path):
     return monkeypatch
 
 
-def test_settings_is_a_reexport_of_config():
-    assert settings.api_settings is config.api_settings and settings.ArchiveSettings is config.ArchiveSettings
-    assert settings.NotConfigured is config.NotConfigured and settings.local_services is config.local_services
+def test_config_is_the_only_reader_of_the_environment():
+    """No other module of the library, the flows, tasks or blocks reads os.environ (the local
+    services' launcher passes environments to the processes it starts, and is not counted)."""
+    import re
+
+    offenders = []
+    for folder in ("avatarflow", "flows", "tasks", "blocks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "avatarflow/config.py" or rel.startswith("avatarflow/local/"):
+                continue
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                if re.search(r"os\.environ\.get|os\.getenv|os\.environ\[", line):
+                    offenders.append(f"{rel}:{n}")
+    assert offenders == []
 
 
 def test_api_settings_from_the_environment(env):
