@@ -1,7 +1,11 @@
 """Async client of the p-video-avatar API: submit, status, result, download, history, wait.
 
-GETs are retried on 429, 5xx and transport errors (backoff with jitter, `Retry-After` and
-`x-rate-limit-reset-at-utc` honoured). The submit POST is never retried: each POST is a billed job.
+One retry policy for every GET (status, result, history, the output download): 429, 5xx and
+transport errors are retried up to `max_retries` times with full-jitter backoff, `Retry-After`
+and `x-rate-limit-reset-at-utc` honoured. The submit POST is never retried: each POST is a
+billed job. One poll loop (`wait` on the request record, `wait_history` on the request history)
+asks when the duration model's plan says (avatarflow.duration); a GET whose retries are spent is
+a missed poll, asked again at the plan's next time, until the deadline.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import ipaddress
 import random
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -25,6 +29,7 @@ from avatarflow.contract import (
     FINAL_STATUSES,
     MODEL_SLUG,
     AvatarRequest,
+    LlmRequest,
     HistoryRecord,
     ResultResponse,
     StatusResponse,
@@ -32,12 +37,14 @@ from avatarflow.contract import (
     history_rows,
     parse_request,
 )
+from avatarflow.duration import DEFAULT_PLAN, Answer, PlanConfig, Poll, Prediction, fixed_prediction, next_poll
 from avatarflow.errors import (
     ERRORS_BY_STATUS,
     AmbiguousSubmit,
     APIError,
     APITimeout,
     DeadlineExceeded,
+    JobFailed,
     RateLimited,
     ServerError,
     SubmitNotSent,
@@ -56,27 +63,8 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 DOWNLOAD_CHUNK = 1 << 20
 
-DEADLINE_FACTOR = 10.0
-POLL_FINE_INTERVAL_S = 2.0
-POLL_MAX_INTERVAL_S = 15.0
-
-
-def poll_offsets(expected_s: float) -> Iterator[float]:
-    """Seconds after submit at which to poll: sparse early, every 2 s around the expected end,
-    then growing by half each time up to 15 s. For 100 s: 50, 75, 90, 96, 98 ... 108, 111, ..."""
-    e = max(expected_s, 1.0)
-    for frac in (0.5, 0.75, 0.9):
-        if frac * e >= POLL_FINE_INTERVAL_S:
-            yield frac * e
-    t = max(0.96 * e, POLL_FINE_INTERVAL_S)
-    while t <= 1.08 * e:
-        yield t
-        t += POLL_FINE_INTERVAL_S
-    step = POLL_FINE_INTERVAL_S
-    while True:
-        step = min(step * 1.5, POLL_MAX_INTERVAL_S)
-        t += step
-        yield t
+DEADLINE_FACTOR = 10.0  # the wait gives up after this many times the predicted duration
+MIN_DEADLINE_S = 60.0  # ... and never sooner than this
 
 
 def backoff_delay(attempt: int, response: httpx.Response | None = None) -> float:
@@ -284,13 +272,14 @@ class SegmindClient:
         if self._limiter is not None:
             await self._limiter()
 
-    async def submit(self, request: AvatarRequest | dict[str, Any], *, slot_taken: bool = False) -> SubmitResponse:
+    async def submit(self, request: AvatarRequest | LlmRequest | dict[str, Any], *,
+                     slot_taken: bool = False) -> SubmitResponse:
         """POST /v2/p-video-avatar once. Anything after the body may have left (timeout, reset,
         cancellation, a 5xx, an answer that does not parse) raises AmbiguousSubmit: reconcile
         through the history, never repost. `slot_taken`: the caller already took a rate slot."""
-        if not isinstance(request, AvatarRequest):
+        if not isinstance(request, (AvatarRequest, LlmRequest)):
             request = parse_request(request)
-        url = f"{self.base_url}/v2/{MODEL_SLUG}"
+        url = f"{self.base_url}/v2/{request.slug}"
         if not slot_taken:
             await self.take_slot()
         sent_at = time.time()
@@ -357,19 +346,22 @@ class SegmindClient:
         return history_rows(r.json())
 
     async def find_submitted(
-        self, request: AvatarRequest, *, since: float, max_pages: int = 5
+        self, request: AvatarRequest | LlmRequest, *, since: float, max_pages: int = 5
     ) -> HistoryRecord | None:
-        """The history row of a job posted with exactly this body at or after `since` (epoch s)."""
+        """The history row of a job posted with exactly this body at or after `since` (epoch s);
+        a row stamped earlier is another, older job with the same body."""
         body = request.body()
         day = datetime.fromtimestamp(since, timezone.utc).date()
         for page in range(1, max_pages + 1):
             rows = await self.history_list(
+                model_name=request.slug,
                 from_date=(day - timedelta(days=1)).isoformat(),
                 to_date=(datetime.now(timezone.utc).date() + timedelta(days=1)).isoformat(),
                 page=page,
             )
             for row in rows:
-                if isinstance(row.request_body, dict) and _same_body(row.request_body, body):
+                if (isinstance(row.request_body, dict) and _same_body(row.request_body, body, type(request))
+                        and not _before(row.created_at, since)):
                     return row
             if len(rows) < 100:
                 return None
@@ -407,47 +399,121 @@ class SegmindClient:
         request_id: str,
         *,
         submitted_at: float | None = None,
-        expected_s: float = EXPECTED_DURATION_S,
+        prediction: Prediction | None = None,
+        predict: Callable[[], Prediction | Awaitable[Prediction]] | None = None,
+        expected_s: float | None = None,
         deadline_s: float | None = None,
         on_status: Callable[[PollEvent], Awaitable[None] | None] | None = None,
+        plan: PlanConfig = DEFAULT_PLAN,
     ) -> ResultResponse:
-        """Poll on a schedule shaped by the expected duration until COMPLETED; then the result.
+        """Poll the request record until COMPLETED and return the result.
 
-        FAILED raises JobFailed (final); 404 raises NotFound; transient errors are retried until
-        the overall deadline (default: ten times the expected duration), then DeadlineExceeded.
+        When to ask comes from `prediction` (re-read from `predict()` before each poll, so a
+        model that learns while this job runs is used), else `expected_s`, else the vendor's
+        typical time. Polls where the job may be done go to the result endpoint, which carries
+        the status: a finished job costs one request. FAILED raises JobFailed (final); 404 raises
+        NotFound (the record expired: `wait_history`); transient errors are retried by the GET's
+        policy, then at the plan's next poll, until the deadline (default: ten times the
+        prediction, at least a minute), then DeadlineExceeded.
         """
-        start = submitted_at if submitted_at is not None else time.time()
-        deadline = start + (deadline_s if deadline_s is not None else DEADLINE_FACTOR * expected_s)
-        polls, last = 0, None
-        offsets = poll_offsets(expected_s)
-        while True:
-            now = time.time()
-            target = next(offsets)
-            while start + target < now - POLL_FINE_INTERVAL_S and polls > 0:
-                target = next(offsets)
-            await asyncio.sleep(max(0.0, min(start + target, deadline) - time.time()))
-            polls += 1
-            try:
+
+        async def ask(poll: Poll) -> tuple[str, ResultResponse | None]:
+            if poll.endpoint == "result":
+                r = await self.result(request_id)
+            else:
                 st = await self.status(request_id)
-                last = st.status
+                if st.status not in FINAL_STATUSES:
+                    return st.status, None
+                r = await self.result(request_id)
+            if r.status == "FAILED":  # a FAILED body under a 2xx: final all the same
+                raise JobFailed(r.error or "FAILED", status_code=422, body=r.model_dump(), request_id=request_id)
+            return r.status, (r if r.status == "COMPLETED" else None)
+
+        return await self._poll(request_id, ask, submitted_at, prediction, predict, expected_s, deadline_s,
+                                on_status, plan)
+
+    async def wait_history(
+        self,
+        request_id: str,
+        *,
+        submitted_at: float | None = None,
+        prediction: Prediction | None = None,
+        predict: Callable[[], Prediction | Awaitable[Prediction]] | None = None,
+        expected_s: float | None = None,
+        deadline_s: float | None = None,
+        on_status: Callable[[PollEvent], Awaitable[None] | None] | None = None,
+        plan: PlanConfig = DEFAULT_PLAN,
+    ) -> HistoryRecord:
+        """The same loop on the request history (any age: for a record that expired, 404):
+        returns the COMPLETED row; FAILED raises JobFailed with the row's error."""
+
+        async def ask(poll: Poll) -> tuple[str, HistoryRecord | None]:
+            row = await self.history(request_id)
+            state = (row.state or "UNKNOWN").upper()
+            if state == "FAILED":
+                raise JobFailed(row.error or "FAILED", request_id=request_id)
+            return state, (row if state == "COMPLETED" else None)
+
+        return await self._poll(request_id, ask, submitted_at, prediction, predict, expected_s, deadline_s,
+                                on_status, plan)
+
+    async def _poll(self, request_id: str, ask: Callable[[Poll], Awaitable[tuple[str, Any]]],
+                    submitted_at: float | None, prediction: Prediction | None,
+                    predict: Callable[[], Prediction | Awaitable[Prediction]] | None, expected_s: float | None,
+                    deadline_s: float | None, on_status: Callable[[PollEvent], Awaitable[None] | None] | None,
+                    plan: PlanConfig) -> Any:
+        """The one poll loop: ask at the plan's times until `ask` returns a final answer."""
+        start = submitted_at if submitted_at is not None else time.time()
+        pred = prediction or fixed_prediction(expected_s if expected_s is not None else EXPECTED_DURATION_S)
+        if deadline_s is None:
+            deadline_s = max(DEADLINE_FACTOR * pred.seconds, MIN_DEADLINE_S)
+        deadline = start + deadline_s
+        answers: list[Answer] = []
+        polls, last, tried = 0, None, -float("inf")
+        while True:
+            if predict is not None:
+                fresh = predict()
+                pred = (await fresh) if asyncio.iscoroutine(fresh) else fresh
+            poll = next_poll(pred, answers, now=max(time.time() - start, tried + plan.gap_s), cfg=plan)
+            await asyncio.sleep(max(0.0, min(start + poll.at, deadline) - time.time()))
+            polls += 1
+            tried = time.time() - start
+            try:
+                status, final = await ask(poll)
             except (ServerError, RateLimited, APITimeout, TransportError):
-                st = None
-            if st is not None and on_status is not None:
-                maybe = on_status(PollEvent(request_id, st.status, time.time() - start, polls))
-                if asyncio.iscoroutine(maybe):
-                    await maybe
-            if st is not None and st.status in FINAL_STATUSES:
-                return await self.result(request_id)
+                status, final = None, None  # the GET's retries are spent: a missed poll
+            if status is not None:
+                last = status
+                if on_status is not None:
+                    maybe = on_status(PollEvent(request_id, status, tried, polls))
+                    if asyncio.iscoroutine(maybe):
+                        await maybe
+                if final is not None:
+                    return final
+                answers.append(Answer(tried, status))
             if time.time() >= deadline:
                 raise DeadlineExceeded(request_id, time.time() - start, last)
 
 
-def _same_body(sent: dict[str, Any], ours: dict[str, Any]) -> bool:
+def _same_body(sent: dict[str, Any], ours: dict[str, Any], model: type[Any] = AvatarRequest) -> bool:
     keys = set(sent) | set(ours)
-    defaults = AvatarRequest.model_fields
+    defaults = model.model_fields
     for k in keys:
         a = sent.get(k, getattr(defaults.get(k), "default", None))
         b = ours.get(k, getattr(defaults.get(k), "default", None))
         if a != b:
             return False
     return True
+
+
+def _before(stamp: str | None, since: float) -> bool:
+    """Whether an ISO timestamp of the history is earlier than `since`; unknown counts as not."""
+    if not stamp:
+        return False
+    try:
+        at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=timezone.utc)
+    return at.timestamp() < since

@@ -59,6 +59,18 @@ DEFAULT_NEGATIVE_PROMPT = ""
 DEFAULT_STRENGTH_NEGATIVE_PROMPT = 0.5
 DEFAULT_RESOLUTION: Resolution = "720p"
 
+# Script generation: an LLM on the same queue API (POST /v2/{slug}). The slug is a parameter;
+# this default is the vendor SDK's own example model.
+DEFAULT_SCRIPT_MODEL = "gpt-5.5"
+LLM_SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
+BRIEF_MAX_CHARS = 2_000
+BRIEF_FIELD_MAX_CHARS = 300  # tone, audience, call_to_action
+TARGET_SECONDS_MIN, TARGET_SECONDS_MAX, DEFAULT_TARGET_SECONDS = 5.0, 300.0, 30.0
+# What one script costs at most (a few hundred tokens of a large model), for the batch budget
+# before the answer tells the real cost.
+SCRIPT_COST_ESTIMATE_USD = 0.01
+LLM_EXPECTED_DURATION_S = 8.0
+
 _DATA_URI = re.compile(r"^data:[\w.+-]+/[\w.+-]+(;[\w=.+-]+)*(;base64)?,", re.IGNORECASE)
 
 
@@ -205,8 +217,46 @@ class AvatarRequest(BaseModel):
     def random_seed(self) -> bool:
         return self.seed is None or self.seed == -1
 
+    @property
+    def slug(self) -> str:
+        return MODEL_SLUG
+
     def body(self) -> dict[str, Any]:
         """The JSON body as sent: unset optional media and a null seed left out."""
+        return self.model_dump(exclude_none=True)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=20_000)
+
+
+class LlmRequest(BaseModel):
+    """The body of POST /v2/{llm slug}: OpenAI-style messages and the model's options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(default=DEFAULT_SCRIPT_MODEL, exclude=True, description="The LLM's slug (not sent).")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=20)
+    max_tokens: int = Field(default=1024, ge=1, le=8192)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
+
+    @field_validator("model")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not LLM_SLUG_PATTERN.match(v) or v == MODEL_SLUG:
+            raise ValueError(f"script_model={v!r} is not an LLM slug; allowed: lower-case letters, digits, "
+                             f"'.', '-' and '_' (the vendor's model name, e.g. {DEFAULT_SCRIPT_MODEL!r})")
+        return v
+
+    @property
+    def slug(self) -> str:
+        return self.model
+
+    def body(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
 
 
