@@ -229,10 +229,11 @@ async def test_transport_drop_after_retries_is_transport_error(api, done_id):
 
 
 # ---- submit is never retried --------------------------------------------------------------------
-async def test_500_on_submit_raises_after_exactly_one_post(api, client, image):
+async def test_500_on_submit_is_ambiguous_after_exactly_one_post(api, client, image):
+    """A 5xx after the body left may come with a job made: reconcile, never post again."""
     api.set_faults({"submit": {"500": 1.0}})
     jobs = len(api.stats()["jobs"])
-    e = await raises(ServerError, client.submit(req(image)))
+    e = await raises(AmbiguousSubmit, client.submit(req(image)))
     assert e.status_code == 500 and e.body == {"error": "local: injected HTTP 500"}
     assert requests_of(api, "submit") == 1
     assert len(api.stats()["jobs"]) == jobs
