@@ -160,7 +160,8 @@ def read_calendar(source: str, *, s3_client: Any = None, policy: Any = None) -> 
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise media.MediaError("calendar", "is not UTF-8 text", value=source, allowed="CSV or JSONL") from None
+        raise media.MediaError("calendar", "is not UTF-8 text", value=sources.display_source(source),
+                               allowed="CSV or JSONL") from None
     return [parse_row(line, raw) for line, raw in parse_records(text, source)]
 
 

@@ -22,7 +22,7 @@ from avatarflow import media
 from avatarflow.contract import VOICE_SCRIPT_MAX_CHARS
 from avatarflow.fingerprint import sha256_hex
 from avatarflow.spec import VideoRequest
-from avatarflow.sources import SourcePolicy, _shown, resolve_policy
+from avatarflow.sources import SourcePolicy, _shown, display_source, resolve_policy
 from avatarflow.store import Store
 
 MAX_IMAGE_BYTES = 30 * 1024 * 1024
@@ -283,7 +283,7 @@ async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourceP
         audio_url=url,
         audio_sha256=info.sha256,
         audio_duration_s=info.duration_s,
-        audio_source=request.audio,
+        audio_source=display_source(request.audio),
     )
 
 
@@ -301,5 +301,5 @@ async def prepare_portrait(request: VideoRequest, store: Store, *, policy: Sourc
     url = await store.stage(portrait.data, sha, EXTENSIONS[portrait.format], portrait.content_type)
     return PortraitInput(
         url=url, sha256=sha, format=portrait.format, width=portrait.width,
-        height=portrait.height, source=request.image,
+        height=portrait.height, source=display_source(request.image),
     )
