@@ -234,6 +234,16 @@ class Prediction:
     def source(self) -> str:
         return "fitted" if self.n else "prior"
 
+    def scaled(self, k: float) -> Prediction:
+        """Every time multiplied by `k` (a backend whose typical job is k times the vendor's)."""
+        return replace(self, seconds=self.seconds * k, spread_s=self.spread_s * k, queue_s=self.queue_s * k,
+                       queue_spread_s=self.queue_spread_s * k, processing_s=self.processing_s * k,
+                       processing_spread_s=self.processing_spread_s * k)
+
+    @property
+    def speech(self) -> Speech:
+        return Speech(self.speech_s, self.speech_exact, self.language)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["source"] = self.source
@@ -367,6 +377,22 @@ class DurationModel:
         )
 
 
+def timing_record(prediction: Prediction | None, metrics: dict[str, Any] | None,
+                  waited: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Predicted against actual, for the manifest and the run's summary."""
+    m = metrics or {}
+    actual: dict[str, Any] = {"queue_s": _num(m.get("queue_time")), "processing_s": _num(m.get("inference_time")),
+                              "total_s": _num(m.get("total_time"))}
+    if actual["total_s"] is None and actual["queue_s"] is not None and actual["processing_s"] is not None:
+        actual["total_s"] = actual["queue_s"] + actual["processing_s"]
+    actual.update(waited or {})
+    record: dict[str, Any] = {"predicted": prediction.to_dict() if prediction else None,
+                              "actual": {k: round(v, 3) if isinstance(v, float) else v for k, v in actual.items()}}
+    if prediction is not None and actual["total_s"] is not None:
+        record["error_s"] = round(actual["total_s"] - prediction.seconds, 3)
+    return record
+
+
 class SharedDurationModel:
     """The model of every worker: one JSON document in the bucket (`Store`), read on `refresh`
     (at most every `refresh_s`), and each finished job merged in by a conditional write (create
@@ -389,6 +415,16 @@ class SharedDurationModel:
     async def predict(self, resolution: str, speech: Speech) -> Prediction:
         return (await self.refresh()).predict(resolution, speech)
 
+    def live(self, pred: Prediction) -> Callable[[], Prediction]:
+        """The prediction re-read from the in-memory model (no I/O), for a wait that should use
+        what jobs finishing meanwhile taught it; `pred` itself while the model is still cold."""
+
+        def current() -> Prediction:
+            fresh = self.model.predict(pred.resolution, pred.speech)
+            return fresh if fresh.n else pred
+
+        return current
+
     async def record(self, obs: Observation | None) -> bool:
         """Merge one observation into the shared document; False if it never got in."""
         if obs is None:
@@ -408,6 +444,28 @@ class SharedDurationModel:
                 return True
             await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
         return False
+
+
+_SHARED: dict[tuple[str, str, str], SharedDurationModel] = {}
+
+
+def model_key(store: Any, backend: str) -> str:
+    """The shared document of one backend (the vendor's and the local API's times differ)."""
+    return store.key("models", f"duration-{backend}.json")
+
+
+def shared_model(store: Any, backend: str) -> SharedDurationModel:
+    """One SharedDurationModel per bucket document in this process, so runs in one process learn
+    from each other at once (and from other machines at each refresh)."""
+    key = model_key(store, backend)
+    endpoint = str(getattr(getattr(getattr(store, "s3", None), "meta", None), "endpoint_url", ""))
+    ident = (endpoint, str(getattr(store, "bucket", "")), key)
+    shared = _SHARED.get(ident)
+    if shared is None:
+        shared = _SHARED[ident] = SharedDurationModel(store, key)
+    else:
+        shared.store = store
+    return shared
 
 
 # ------------------------------------------------------------------------------------------
@@ -582,7 +640,8 @@ def simulate(pred: Prediction, end_s: float, *, queue_s: float | None = None,
 
 __all__ = [
     "Answer", "DEFAULT_PLAN", "DurationModel", "Fit", "Observation", "PlanConfig", "Poll", "Prediction",
-    "PRIOR_COST_PER_S", "PRIOR_QUEUE_S", "SharedDurationModel", "Speech", "audio_seconds",
+    "PRIOR_COST_PER_S", "PRIOR_QUEUE_S", "SharedDurationModel", "Speech", "TYPICAL_CLIP_S", "audio_seconds", "model_key",
+    "shared_model", "timing_record",
     "end_distribution", "fixed_prediction", "next_poll", "observation", "poll_plan", "script_seconds",
     "simulate", "speech_of", "theil_sen", "window",
 ]

@@ -17,9 +17,21 @@ from typing import Any, Awaitable, Callable
 from pydantic import BaseModel, Field
 
 from avatarflow import media
-from avatarflow.client import DEADLINE_FACTOR, PollEvent, SegmindClient, poll_offsets
-from avatarflow.contract import MODEL_SLUG, AvatarRequest, Metrics, check_request_id
-from avatarflow.errors import AvatarflowError, DeadlineExceeded, JobFailed, NotFound
+from avatarflow.client import PollEvent, SegmindClient
+from avatarflow.contract import EXPECTED_DURATION_S, MODEL_SLUG, AvatarRequest, Metrics, check_request_id
+from avatarflow.duration import (
+    TYPICAL_CLIP_S,
+    DurationModel,
+    Prediction,
+    SharedDurationModel,
+    Speech,
+    fixed_prediction,
+    observation,
+    shared_model,
+    speech_of,
+    timing_record,
+)
+from avatarflow.errors import AvatarflowError, JobFailed, NotFound
 from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
 from avatarflow.inputs import PortraitInput, SpeechInput, prepare_portrait, prepare_speech
 from avatarflow.ledger import FAILED, COMPLETED, Job, Ledger
@@ -62,6 +74,7 @@ class Finished:
     output_url: str
     metrics: dict[str, Any] = field(default_factory=dict)
     via: str = "result"
+    waited: dict[str, Any] = field(default_factory=dict)  # polls, noticed_s (submit to noticed)
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,12 @@ class VideoResult(BaseModel):
 
 @dataclass
 class Context:
-    """What every step needs: the API, the archive, its ledger, and how to report."""
+    """What every step needs: the API, the archive, its ledger, and how to report.
+
+    `expected_seconds`: the backend's typical time for a job (the vendor's 100 s, the local API's
+    few seconds); the duration model's cold prior is scaled to it until jobs are observed.
+    `durations`: the duration model shared through the archive bucket (default: this process's
+    copy of the backend's document); `prediction`: this job's, once its speech is known."""
 
     client: SegmindClient
     store: Store
@@ -115,6 +133,8 @@ class Context:
     log: Log = print
     on_status: OnStatus | None = None
     plan: Plan | None = None  # set once known, for the caller's failure report
+    durations: SharedDurationModel | None = None
+    prediction: Prediction | None = None
 
 
 def plan_job(video: VideoRequest, speech: SpeechInput, portrait: PortraitInput) -> Plan:
@@ -152,13 +172,62 @@ async def _output_alive(client: SegmindClient, url: str) -> bool:
         return False
 
 
+async def predict_job(ctx: Context, request: AvatarRequest, audio_s: float | None = None) -> Prediction:
+    """This job's duration, before submit, from the shared model: the speech's length (exact for
+    audio, estimated for a script) and the resolution. Never fails a run: a store that cannot be
+    read leaves the in-memory model (or the prior)."""
+    if request.audio:
+        speech = Speech(audio_s, True) if audio_s else Speech(TYPICAL_CLIP_S, False)
+    else:
+        speech = speech_of(request)
+    model = DurationModel()
+    try:
+        if ctx.durations is None:
+            ctx.durations = shared_model(ctx.store, ctx.backend)
+        model = await ctx.durations.refresh()
+    except Exception as e:  # the model is an optimisation: polling works without it
+        ctx.log(f"duration model not read ({type(e).__name__}: {e}); using what this process knows")
+        model = ctx.durations.model if ctx.durations is not None else model
+    pred = model.predict(request.resolution, speech)
+    if not pred.n and ctx.expected_seconds and ctx.expected_seconds != EXPECTED_DURATION_S:
+        pred = pred.scaled(ctx.expected_seconds / EXPECTED_DURATION_S)
+    ctx.log(f"predicted {pred.seconds:.1f} s +- {pred.spread_s:.1f} s to COMPLETED ({pred.source}, "
+            f"{pred.speech_s:.1f} s of speech{'' if pred.speech_exact else ' estimated'}, {pred.resolution})")
+    return pred
+
+
+async def learn(ctx: Context, finished: Finished, output_s: float | None = None) -> None:
+    """Feed a finished job's times to the shared model (best effort)."""
+    if ctx.prediction is None or ctx.durations is None:
+        return
+    latency = finished.metrics.get("total_time") if finished.via == "history" else None
+    obs = observation(finished.request_id, ctx.prediction, metrics=finished.metrics if finished.via != "history" else None,
+                      latency_ms=latency * 1000 if latency else None, output_s=output_s)
+    try:
+        await ctx.durations.record(obs)
+    except Exception as e:
+        ctx.log(f"duration model not updated ({type(e).__name__}: {e})")
+
+
+def _waiting(ctx: Context, job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The wait's keyword arguments (the prediction, live from the model) and what it saw."""
+    pred = ctx.prediction or fixed_prediction(ctx.expected_seconds)
+    seen: dict[str, Any] = {"polls": 0}
+
+    def on_status(event: PollEvent) -> Awaitable[None] | None:
+        seen["polls"] = event.polls
+        return ctx.on_status(event) if ctx.on_status is not None else None
+
+    live = ctx.durations.live(pred) if ctx.durations is not None and ctx.prediction is not None else None
+    return {"submitted_at": job.submitted_at, "prediction": pred, "predict": live, "on_status": on_status}, seen
+
+
 async def wait_job(ctx: Context, plan: Plan, job: Job, *, resubmit_expired: bool = False) -> tuple[Job, Finished]:
     """Poll until COMPLETED. FAILED raises JobFailed (final). An expired record (404) is followed
     in the history; only if its output is gone and `resubmit_expired` is set, a new job."""
+    kwargs, seen = _waiting(ctx, job)
     try:
-        result = await ctx.client.wait(
-            job.request_id, submitted_at=job.submitted_at, expected_s=ctx.expected_seconds, on_status=ctx.on_status
-        )
+        result = await ctx.client.wait(job.request_id, **kwargs)
     except JobFailed as e:
         await ctx.ledger.mark(plan.fingerprint, FAILED, error=e.error, request_id=job.request_id)
         raise
@@ -167,38 +236,26 @@ async def wait_job(ctx: Context, plan: Plan, job: Job, *, resubmit_expired: bool
     if not result.output_url:
         raise JobFailed(f"COMPLETED without an output URL: {result.model_dump()}", request_id=job.request_id)
     metrics = (result.metrics or Metrics()).model_dump(exclude_none=True)
-    return job, Finished(job.request_id, result.output_url, metrics)
+    waited = {"polls": seen["polls"], "noticed_s": round(time.time() - job.submitted_at, 3)}
+    return job, Finished(job.request_id, result.output_url, metrics, waited=waited)
 
 
 async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired: bool) -> tuple[Job, Finished]:
     """The request record is gone (404): follow the job in the request history, which keeps
-    every request at any age, on the same schedule and deadline as the status polling."""
+    every request at any age, with the same poll loop, plan and deadline."""
     client = ctx.client
     ctx.log(f"request {job.request_id}: record expired (404); following it in the request history")
-    deadline = job.submitted_at + DEADLINE_FACTOR * ctx.expected_seconds
-    offsets = poll_offsets(ctx.expected_seconds)
-    while True:
-        row = await client.history(job.request_id)
-        state = (row.state or "").upper()
-        if ctx.on_status is not None:
-            maybe = ctx.on_status(PollEvent(job.request_id, state or "UNKNOWN", time.time() - job.submitted_at, 0))
-            if asyncio.iscoroutine(maybe):
-                await maybe
-        if state == "FAILED":
-            await ctx.ledger.mark(plan.fingerprint, FAILED, error=row.error, request_id=job.request_id)
-            raise JobFailed(row.error or "FAILED", request_id=job.request_id)
-        if state == "COMPLETED":
-            break
-        if time.time() >= deadline:
-            raise DeadlineExceeded(job.request_id, time.time() - job.submitted_at, state)
-        target = next(offsets)
-        while job.submitted_at + target < time.time():
-            target = next(offsets)
-        await asyncio.sleep(min(job.submitted_at + target, deadline) - time.time())
+    kwargs, seen = _waiting(ctx, job)
+    try:
+        row = await client.wait_history(job.request_id, **kwargs)
+    except JobFailed as e:
+        await ctx.ledger.mark(plan.fingerprint, FAILED, error=e.error, request_id=job.request_id)
+        raise
     if row.output_url and await _output_alive(client, row.output_url):
         ctx.log(f"request {job.request_id}: output found through the history")
         metrics = {"cost": row.credits_deduction, "total_time": (row.latency_ms or 0) / 1000 or None}
-        return job, Finished(job.request_id, row.output_url, metrics, via="history")
+        waited = {"polls": seen["polls"], "noticed_s": round(time.time() - job.submitted_at, 3)}
+        return job, Finished(job.request_id, row.output_url, metrics, via="history", waited=waited)
     if not resubmit_expired:
         raise JobExpired(
             f"request {job.request_id} completed but its record expired and its output is gone; "
@@ -213,9 +270,11 @@ async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired:
 
 def manifest_of(
     video: VideoRequest, plan: Plan, finished: Finished, stored: Any, probe: media.VideoProbe,
-    *, timings: dict[str, float], backend: str,
+    *, timings: dict[str, float], backend: str, prediction: Prediction | None = None,
 ) -> dict[str, Any]:
-    """Everything about one archived video; no key, no presigned signature."""
+    """Everything about one archived video; no key, no presigned signature. `duration`: the
+    time to COMPLETED predicted before submit against the actual (queue, processing, total, when
+    it was noticed, how many polls)."""
     return {
         "model": MODEL_SLUG,
         "fingerprint": plan.fingerprint,
@@ -238,6 +297,7 @@ def manifest_of(
         "metrics": finished.metrics,
         "output_via": finished.via,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "duration": timing_record(prediction, finished.metrics, finished.waited),
         "backend": backend,
         "archived_at": _now_iso(),
     }
@@ -264,7 +324,8 @@ async def archive_output(
     await store.verify(stored, probe)
     thumb_key = store.thumbnail_key(plan.fingerprint)
     await store.put_bytes(thumb_key, seen["thumbnail"], "image/jpeg")
-    manifest = manifest_of(video, plan, finished, stored, seen["probe"], timings=timings, backend=ctx.backend)
+    manifest = manifest_of(video, plan, finished, stored, seen["probe"], timings=timings, backend=ctx.backend,
+                           prediction=ctx.prediction)
     manifest["thumbnail_s3_uri"] = store.uri(thumb_key)
     await store.put_json(store.manifest_key(plan.fingerprint), manifest)
     await ctx.ledger.mark(plan.fingerprint, COMPLETED, request_id=finished.request_id, s3_uri=stored.s3_uri)
@@ -341,6 +402,7 @@ async def _finish(ctx: Context, steps: Steps, request: VideoRequest, plan: Plan,
             lap("poll")
             archived = await steps.archive(ctx, request, plan, finished, dict(lap.timings))
             lap("archive")
+            await learn(ctx, finished, archived.manifest.get("video", {}).get("duration_s"))
     return VideoResult.of(archived, plan, cache_hit=cache_hit, timings=lap.timings), archived
 
 
@@ -355,6 +417,7 @@ async def make_video(ctx: Context, request: VideoRequest, steps: Steps | None = 
     lap("portrait")
     ctx.plan = plan = plan_job(request, speech, portrait)
     ctx.log(f"fingerprint {plan.fingerprint}, seed {plan.seed}{' (random)' if plan.seed_random else ''}")
+    ctx.prediction = await predict_job(ctx, plan.request, speech.audio_duration_s)
     return await _finish(ctx, steps, request, plan, None, lap, resubmit_expired=request.resubmit_expired)
 
 
@@ -379,6 +442,7 @@ async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None
     request = AvatarRequest.model_validate(body)
     fp = fingerprint(request, image_sha256=image_sha, audio_sha256=audio_sha)
     ctx.plan = plan = Plan(request, fp, int(request.seed), seed_random, image_sha, audio_sha)
+    ctx.prediction = await predict_job(ctx, request)
     video = VideoRequest.model_validate(body)
     job = Job(request_id, submitted_at, resumed=True)
     return await _finish(ctx, steps, video, plan, job, lap, resubmit_expired=False)

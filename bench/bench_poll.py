@@ -38,9 +38,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from avatarflow.client import SegmindClient, poll_offsets
+from collections.abc import Iterator
+
+from avatarflow.client import SegmindClient
 from avatarflow.contract import EXPECTED_DURATION_S
-from avatarflow.duration import Answer, DurationModel, Speech, next_poll, observation
+from avatarflow.duration import DurationModel, Speech, observation
 from avatarflow.local.services import free_ports
 
 ASSET = Path(__file__).resolve().parent.parent / "avatarflow" / "assets" / "portrait.jpg"
@@ -133,9 +135,27 @@ def _kind(method: str, path: str) -> str:
     return "status" if path.endswith("/status") else "result"
 
 
+def fixed_offsets(expected_s: float) -> Iterator[float]:
+    """avatarflow's schedule before issue 10, seconds after submit: sparse early, every 2 s
+    around the expected end, then growing by half each time up to 15 s."""
+    e = max(expected_s, 1.0)
+    for frac in (0.5, 0.75, 0.9):
+        if frac * e >= 2.0:
+            yield frac * e
+    t = max(0.96 * e, 2.0)
+    while t <= 1.08 * e:
+        yield t
+        t += 2.0
+    step = 2.0
+    while True:
+        step = min(step * 1.5, 15.0)
+        t += step
+        yield t
+
+
 async def _fixed_wait(client: SegmindClient, rid: str, start: float) -> None:
-    """The schedule before issue 10: status polls at poll_offsets(100 s), then the result."""
-    for offset in poll_offsets(EXPECTED_DURATION_S):
+    """The schedule before issue 10: status polls at fixed_offsets(100 s), then the result."""
+    for offset in fixed_offsets(EXPECTED_DURATION_S):
         await asyncio.sleep(max(0.0, start + offset - time.time()))
         st = await client.status(rid)
         if st.status == "COMPLETED":
@@ -144,27 +164,11 @@ async def _fixed_wait(client: SegmindClient, rid: str, start: float) -> None:
 
 
 async def _plan_wait(client: SegmindClient, rid: str, start: float, model: DurationModel, speech: Speech) -> None:
-    """The predictive plan: the prediction is re-read from the (learning) model before each
-    poll; polls in the window go to the result endpoint, which carries the status."""
-    answers: list[Answer] = []
-    while True:
-        pred = model.predict("720p", speech)
-        poll = next_poll(pred, answers, now=time.time() - start)
-        await asyncio.sleep(max(0.0, start + poll.at - time.time()))
-        at = time.time() - start
-        if poll.endpoint == "result":
-            r = await client.result(rid)
-            if r.status == "COMPLETED":
-                model.add(observation(rid, pred, metrics=r.metrics))
-                return
-            status = r.status
-        else:
-            status = (await client.status(rid)).status
-            if status == "COMPLETED":
-                r = await client.result(rid)
-                model.add(observation(rid, pred, metrics=r.metrics))
-                return
-        answers.append(Answer(at, status))
+    """The predictive plan: `SegmindClient.wait`, the prediction re-read from the (learning)
+    model before each poll; the finished job's times go back into the model."""
+    pred = model.predict("720p", speech)
+    result = await client.wait(rid, submitted_at=start, prediction=pred, predict=lambda: model.predict("720p", speech))
+    model.add(observation(rid, pred, metrics=result.metrics))
 
 
 async def _run_async(kind: str, base: str, jobs: list[Job], counts: dict, noticed: dict,

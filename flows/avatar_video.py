@@ -75,6 +75,22 @@ async def _apply_preset(request: VideoRequest) -> VideoRequest:
     return request.with_preset((await AvatarPreset.load(request.preset)).look())
 
 
+def _timing_row(duration: dict | None, cache_hit: bool) -> str:
+    """Predicted vs actual time to COMPLETED, as a summary row (none for a cache hit's old one)."""
+    if cache_hit or not duration:
+        return ""
+    pred, actual = duration.get("predicted") or {}, duration.get("actual") or {}
+
+    def s(v: Any) -> str:
+        return f"{v:.1f} s" if isinstance(v, (int, float)) else "n/a"
+
+    said = (f"{s(pred.get('seconds'))} +- {s(pred.get('spread_s'))} ({pred.get('source')}, {pred.get('n', 0)} jobs)"
+            if pred else "n/a")
+    got = f"{s(actual.get('total_s'))} (queue {s(actual.get('queue_s'))}, processing {s(actual.get('processing_s'))})"
+    seen = f"noticed at {s(actual.get('noticed_s'))} after {actual.get('polls', 'n/a')} polls"
+    return f"| time to COMPLETED | predicted {said}; actual {got}; {seen} |\n"
+
+
 async def _report(result: VideoResult, archived: Archived) -> None:
     key = f"avatar-{result.fingerprint[:16]}"
     await acreate_link_artifact(
@@ -97,6 +113,7 @@ async def _report(result: VideoResult, archived: Archived) -> None:
             f"| cache hit | {result.cache_hit} |\n"
             f"| cost | {result.cost if result.cost is not None else 'n/a'} |\n"
             f"| duration | {archived.manifest.get('video', {}).get('duration_s')} s |\n"
+            f"{_timing_row(archived.manifest.get('duration'), result.cache_hit)}"
         ),
         description="Avatar video summary",
     )

@@ -332,15 +332,17 @@ async def test_wait_completes_with_few_status_requests(api, client, image, tmp_p
     res = await client.wait(sub.request_id, submitted_at=t0, expected_s=2, deadline_s=60,
                             on_status=events.append)
     assert res.status == "COMPLETED" and res.output_url
-    polls = requests_of(api, "status")
-    assert 1 <= polls <= 4 and len(events) == polls
-    assert events[-1].status == "COMPLETED" and events[-1].polls == polls
-    assert requests_of(api, "result") == 1
+    polls = len(events)
+    assert 1 <= polls <= 4 and events[-1].status == "COMPLETED" and events[-1].polls == polls
+    # near the expected end the plan asks the result endpoint, which carries the status: a poll
+    # that finds the job done is its result (a status poll that does costs one result more)
+    asked = requests_of(api, "status") + requests_of(api, "result")
+    assert polls <= asked <= polls + 1 and requests_of(api, "result") >= 1
 
 
 async def test_wait_rides_out_transient_status_errors(api, client, image):
     sub = await client.submit(req(image, "Bumpy."))
-    api.set_faults({"status": {"502": 1.0}, "count": 2})
+    api.set_faults({"status": {"502": 1.0}, "result": {"502": 1.0}, "count": 2})
     res = await client.wait(sub.request_id, expected_s=2, deadline_s=60)
     assert res.status == "COMPLETED"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import math
 import random
 import statistics
@@ -32,7 +31,7 @@ from avatarflow.duration import (
     theil_sen,
     window,
 )
-from avatarflow.client import backoff_delay, poll_offsets
+from avatarflow.client import backoff_delay
 from avatarflow.local.queue import Timing, request_key
 
 COST = 3.0  # the local vendor-like mode's default at 720p
@@ -155,32 +154,7 @@ def test_an_early_end_is_caught_by_the_first_poll_in_one_request():
     assert (polls, result_polls) == (1, 1) and slack == pytest.approx(lo - 1.0)
 
 
-# ------------------------------------------------------------------ the fixed schedule (the baseline) and backoff
-
-
-def _polls_until(done_at: float, expected: float) -> tuple[int, float]:
-    for n, t in enumerate(poll_offsets(expected), start=1):
-        if t >= done_at:
-            return n, t - done_at
-    raise AssertionError
-
-
-def test_a_100_s_job_takes_at_most_15_polls_and_is_seen_within_2_s():
-    for done_at in (95.0, 98.0, 100.0, 103.0, 107.0):
-        polls, slack = _polls_until(done_at, 100.0)
-        assert polls <= 15, (done_at, polls)
-        assert slack <= 2.0 + 1e-9, (done_at, slack)
-
-
-def test_schedule_is_increasing_and_backs_off_to_15_s():
-    ts = list(itertools.islice(poll_offsets(100.0), 40))
-    assert all(b > a for a, b in zip(ts, ts[1:]))
-    gaps = [b - a for a, b in zip(ts, ts[1:])]
-    assert max(gaps) <= 25.0 and gaps[-1] == 15.0
-
-
-def test_short_jobs_poll_early():
-    assert next(iter(poll_offsets(3.0))) <= 3.0
+# ------------------------------------------------------------------ backoff (the GETs' one retry policy)
 
 
 def test_backoff_honours_retry_after_and_reset_header():
@@ -431,3 +405,81 @@ def test_vendor_timing_mode_over_http(tmp_path, portrait_bytes):
         assert done >= 1.5 + 2.0 * length - 0.05
     finally:
         stop_local_api(server)
+
+
+# ------------------------------------------------------------------ the one poll loop, over HTTP
+
+
+def test_wait_and_wait_history_share_the_plan_over_http(tmp_path, portrait_bytes):
+    """On the vendor-like mode with a warm prediction: `wait` asks the result endpoint only, a
+    few times, and notices COMPLETED within the plan's gap; `wait_history` follows the same job
+    in the request history with the same loop; `predict` is re-read before each poll."""
+    import base64
+
+    from avatarflow.client import SegmindClient
+    from avatarflow.duration import fixed_prediction as fixed
+    from tests.fixtures_api import start_local_api, stop_local_api
+
+    server = start_local_api(tmp_path, "--timing", "vendor", "--queue-wait", "1", "--queue-jitter", "0",
+                             "--cost-per-second", "720p=3.0", "--timing-jitter", "0")
+    try:
+        image = "data:image/jpeg;base64," + base64.b64encode(portrait_bytes).decode()
+        body = {"image": image, "voice_script": "Hello there, this is a polling test.", "seed": 5}
+
+        async def main():
+            async with SegmindClient(api_key=server.api_key, base_url=server.base_url) as client:
+                t0 = time.time()
+                rid = (await client.submit(body)).request_id
+                events, asked = [], []
+                # a deliberately poor first guess; `predict` brings the right one (as a model that
+                # learned meanwhile would): queue 1 s + 3.0 s x the speech's length
+                speech = script_seconds(body["voice_script"], None, "English (US)")
+
+                def predict():
+                    asked.append(1)
+                    length = server.stats()["jobs"][rid]["duration_s"] or speech
+                    p = fixed(1.0 + 3.0 * length)
+                    return type(p)(**{**p.__dict__, "spread_s": 0.5, "processing_spread_s": 0.3,
+                                      "queue_s": 1.0, "processing_s": 3.0 * length, "queue_spread_s": 0.1})
+
+                res = await client.wait(rid, submitted_at=t0, prediction=fixed(100.0), predict=predict,
+                                        on_status=events.append)
+                noticed = time.time()
+                row = await client.wait_history(rid, submitted_at=t0, prediction=predict())
+                return rid, res, events, asked, noticed, row
+
+        rid, res, events, asked, noticed, row = asyncio.run(main())
+        stats = server.stats()
+        job = stats["jobs"][rid]
+        assert res.status == "COMPLETED" and res.metrics.queue_time == pytest.approx(1.0, abs=0.05)
+        assert stats["requests"].get("status", 0) == 0  # the result endpoint carried the status
+        assert stats["requests"]["result"] == len(events) <= 4 and len(asked) == len(events) + 1  # + the one below
+        assert 0 <= noticed - job["completed_at"] < DEFAULT_PLAN.gap_s + 1.0
+        assert row.state == "COMPLETED" and stats["requests"]["history"] == 1
+    finally:
+        stop_local_api(server)
+
+
+def test_wait_history_failed_is_final(api):
+    """A FAILED row in the history raises JobFailed with its error, through the same loop."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from avatarflow.client import SegmindClient
+    from avatarflow.errors import JobFailed
+
+    api.set_faults({"fail_rate": 1.0})
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "PNG")
+    body = {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), "seed": 1}
+
+    async def main():
+        async with SegmindClient(api_key=api.api_key, base_url=api.base_url) as client:
+            rid = (await client.submit(body)).request_id
+            with pytest.raises(JobFailed) as info:
+                await client.wait_history(rid, prediction=fixed_prediction(2.0))
+            return info.value
+
+    assert asyncio.run(main()).error
