@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from avatarflow.contract import PRICE_PER_SECOND
+from avatarflow.contract import PRICE_PER_SECOND, SCRIPT_COST_ESTIMATE_USD
 from avatarflow.spec import VideoRequest
 
 # Speech rate of a voice_script: about 150 words a minute, plus a second of lead-in and tail.
@@ -22,9 +22,12 @@ AUDIO_ESTIMATE_S = 30.0
 def estimate_seconds(request: VideoRequest) -> float:
     """Expected output length in seconds: the words of the script as it will be spoken (the
     template rendered with the row's fields, in the same bounded sandbox as the run: a template
-    that cannot render raises inputs.TemplateError), or AUDIO_ESTIMATE_S for a recording."""
+    that cannot render raises inputs.TemplateError), `target_seconds` for a script written from a
+    brief, or AUDIO_ESTIMATE_S for a recording."""
     if request.audio:
         return AUDIO_ESTIMATE_S
+    if request.brief:
+        return LEAD_SECONDS + request.target_seconds
     from avatarflow.inputs import render_script
 
     script = render_script(request.voice_script, request.template_fields)
@@ -32,8 +35,10 @@ def estimate_seconds(request: VideoRequest) -> float:
 
 
 def estimate_cost(request: VideoRequest) -> float:
-    """USD the job is expected to cost: expected seconds x contract.PRICE_PER_SECOND[resolution]."""
-    return round(estimate_seconds(request) * PRICE_PER_SECOND[request.resolution], 6)
+    """USD the job is expected to cost: expected seconds x contract.PRICE_PER_SECOND[resolution],
+    plus contract.SCRIPT_COST_ESTIMATE_USD when an LLM writes the script from a brief."""
+    script = SCRIPT_COST_ESTIMATE_USD if request.brief else 0.0
+    return round(estimate_seconds(request) * PRICE_PER_SECOND[request.resolution] + script, 6)
 
 
 @dataclass

@@ -153,6 +153,12 @@ def run(
     image: str = typer.Option(..., help="Portrait: URL, local path, s3:// URI or data: URI."),
     voice_script: Optional[str] = typer.Option(None, help="Text to speak (a Jinja2 template with --field)."),
     audio: Optional[str] = typer.Option(None, help="Recording to lip-sync instead of voice_script."),
+    brief: Optional[str] = typer.Option(None, help="What to talk about: an LLM writes the script (instead of --voice-script)."),
+    script_model: Optional[str] = typer.Option(None, help=f"LLM slug that writes the script (default {contract.DEFAULT_SCRIPT_MODEL})."),
+    target_seconds: Optional[float] = typer.Option(None, help="How long the written script should speak, in seconds (default 30)."),
+    tone: Optional[str] = typer.Option(None, help="The written script's tone."),
+    audience: Optional[str] = typer.Option(None, help="Who the written script speaks to."),
+    call_to_action: Optional[str] = typer.Option(None, help="What the written script asks the viewer to do."),
     voice: Optional[contract.Voice] = typer.Option(None, help="TTS voice."),
     voice_language: Optional[contract.VoiceLanguage] = typer.Option(None, help="Speech language."),
     voice_prompt: Optional[str] = typer.Option(None, help="Tone, pace, emotion."),
@@ -172,10 +178,10 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Make one video, archive it in S3, print where it is."""
-    if voice_script and audio:
-        raise typer.BadParameter("give --voice-script or --audio, not both")
     given = {
-        "image": image, "voice_script": voice_script, "audio": audio, "voice": voice,
+        "image": image, "voice_script": voice_script, "audio": audio, "brief": brief, "script_model": script_model,
+        "target_seconds": target_seconds, "tone": tone, "audience": audience, "call_to_action": call_to_action,
+        "voice": voice,
         "voice_language": voice_language, "voice_prompt": voice_prompt, "video_prompt": video_prompt,
         "negative_prompt": negative_prompt, "strength_negative_prompt": strength_negative_prompt,
         "resolution": resolution, "seed": seed, "disable_safety_filter": disable_safety_filter,

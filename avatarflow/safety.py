@@ -1,7 +1,7 @@
-"""The local engine's safety filter: a small word blocklist on the spoken script.
-
-Applied only when ``disable_safety_filter`` is false (the API's default is true, as on the
-vendor's side). Whole words, case-insensitive; the message names the rule, never the word.
+"""The safety filter: a small word blocklist on spoken text, shared by the local engine (which
+applies it to the script when ``disable_safety_filter`` is false, the API's default being true
+as on the vendor's side) and the brief step (which checks a generated script before a video is
+paid for). Whole words, case-insensitive; the message names the rule, never the word.
 The prompts are not spoken, so they are not checked; the image is not checked (no classifier
 ships offline).
 """

@@ -7,9 +7,21 @@ import json
 import re
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from avatarflow.contract import AvatarRequest, ContractError, explain
+from avatarflow.contract import (
+    BRIEF_FIELD_MAX_CHARS,
+    BRIEF_MAX_CHARS,
+    DEFAULT_SCRIPT_MODEL,
+    DEFAULT_TARGET_SECONDS,
+    LLM_SLUG_PATTERN,
+    MODEL_SLUG,
+    TARGET_SECONDS_MAX,
+    TARGET_SECONDS_MIN,
+    AvatarRequest,
+    ContractError,
+    explain,
+)
 
 PRESET_FIELDS = (
     "voice", "voice_language", "voice_prompt", "video_prompt", "negative_prompt",
@@ -87,6 +99,40 @@ class VideoRequest(AvatarRequest):
         default=False,
         description="Submit again (a new billed job) if the request expired and its output is gone.",
     )
+    brief: str | None = Field(
+        default=None, max_length=BRIEF_MAX_CHARS,
+        description="What the avatar should talk about: an LLM writes the script (instead of voice_script "
+                    "or audio). A Jinja2 template over template_fields, like voice_script.",
+    )
+    script_model: str = Field(
+        default=DEFAULT_SCRIPT_MODEL, description="The LLM that writes the script from the brief (a vendor slug)."
+    )
+    target_seconds: float = Field(
+        default=DEFAULT_TARGET_SECONDS, ge=TARGET_SECONDS_MIN, le=TARGET_SECONDS_MAX,
+        description="How long the written script should take to speak, in seconds.",
+    )
+    tone: str | None = Field(default=None, max_length=BRIEF_FIELD_MAX_CHARS, description="The script's tone.")
+    audience: str | None = Field(default=None, max_length=BRIEF_FIELD_MAX_CHARS, description="Who it speaks to.")
+    call_to_action: str | None = Field(
+        default=None, max_length=BRIEF_FIELD_MAX_CHARS, description="What the script asks the viewer to do."
+    )
+
+    @model_validator(mode="after")
+    def _one_speech(self) -> VideoRequest:
+        given = [f for f in ("brief", "voice_script", "audio")
+                 if f in self.model_fields_set and getattr(self, f) not in (None, "")]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} are both given; allowed: exactly one of brief, voice_script "
+                             "and audio (none: the API's default voice_script)")
+        if self.script_model != DEFAULT_SCRIPT_MODEL:
+            if not LLM_SLUG_PATTERN.match(self.script_model) or self.script_model == MODEL_SLUG:
+                raise ValueError(f"script_model={self.script_model!r} is not an LLM slug; allowed: lower-case "
+                                 "letters, digits, '.', '-' and '_'")
+        return self
+
+    def with_script(self, text: str) -> VideoRequest:
+        """This request speaking `text` (a script written from its brief)."""
+        return self.model_copy(update={"voice_script": text})
 
     @field_validator("image", mode="before")
     @classmethod

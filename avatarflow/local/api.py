@@ -16,7 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from avatarflow.contract import MODEL_SLUG, ContractError, parse_request
+from pydantic import ValidationError
+
+from avatarflow.contract import MODEL_SLUG, ContractError, LlmRequest, explain, parse_request
 from avatarflow.local.chaos import ENDPOINTS, Chaos, Faults, KnobError, Settings, reset_at_header
 from avatarflow.local.queue import JobQueue, LocalJob
 
@@ -43,7 +45,9 @@ class ServerConfig:
 
 
 def endpoint_of(method: str, path: str) -> str | None:
-    if path == f"/v2/{MODEL_SLUG}" and method == "POST":
+    """The API endpoint a request is counted (and faulted) as: a POST to any model's slug
+    (the avatar model or an LLM) is a submit."""
+    if method == "POST" and path.startswith("/v2/") and path.count("/") == 2:
         return "submit"
     if path == f"/v1/{MODEL_SLUG}" and method == "POST":
         return "sync"
@@ -221,6 +225,9 @@ def create_app(config: ServerConfig) -> FastAPI:
             return _not_found(request_id)
         if job.status != "COMPLETED":
             return _json(*_status_body(job))
+        if job.answer is not None:
+            return _json(200, {"request_id": job.request_id, "status": "COMPLETED", "output": job.answer,
+                               "metrics": queue().metrics(job)})
         url = f"{base(request)}/files/{job.request_id}.mp4"
         return _json(200, {
             "request_id": job.request_id, "status": "COMPLETED", "output": url,
@@ -228,6 +235,27 @@ def create_app(config: ServerConfig) -> FastAPI:
                       "file_size": job.output.stat().st_size if job.output else None},
             "metrics": queue().metrics(job),
         })
+
+    @app.post("/v2/{slug}")
+    async def submit_llm(slug: str, request: Request) -> Response:
+        """Any other slug is an LLM, served by the local writer (not a language model)."""
+        if slug == "requests":
+            return _json(405, {"error": "POST is not allowed here"})
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _json(400, {"error": "body is not valid JSON", "fields": ["body"]})
+        if not isinstance(body, dict):
+            return _json(400, {"error": "body must be a JSON object", "fields": ["body"]})
+        try:
+            llm = LlmRequest.model_validate({**body, "model": slug})
+        except ValidationError as e:
+            return _json(400, {"error": str(explain(e)), "fields": explain(e).fields})
+        job = queue().submit(llm, body)
+        b = base(request)
+        return _json(200, {"request_id": job.request_id, "status": "QUEUED",
+                           "status_url": f"{b}/v2/requests/{job.request_id}/status",
+                           "response_url": f"{b}/v2/requests/{job.request_id}"})
 
     @app.post(f"/v1/{MODEL_SLUG}")
     async def sync(request: Request) -> Response:

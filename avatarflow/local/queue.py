@@ -32,8 +32,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from avatarflow import media
-from avatarflow.contract import MODEL_SLUG, AvatarRequest, cost_of
+from avatarflow.contract import MODEL_SLUG, AvatarRequest, LlmRequest, cost_of
 from avatarflow.fingerprint import random_seed
+from avatarflow.local import writer
 from avatarflow.local.chaos import Chaos
 from avatarflow.sources import SourcePolicy
 
@@ -42,6 +43,9 @@ MAX_AUDIO_BYTES = 50 * 1024 * 1024
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
 FETCH_POLICY = SourcePolicy(allow_http=True, allow_hosts=("127.0.0.1", "localhost", "::1"))
+# The LLM stand-in: a short queue, and a price per token like a large hosted model's.
+LLM_QUEUE_S = 0.3
+LLM_PRICE_IN, LLM_PRICE_OUT = 2.5e-6, 1e-5
 INJECTED_FAILURE = "local: injected failure"
 
 
@@ -104,7 +108,7 @@ def _iso(t: float | None) -> str | None:
 @dataclass
 class LocalJob:
     request_id: str
-    request: AvatarRequest
+    request: AvatarRequest | LlmRequest
     body: dict[str, Any]
     created_at: float
     status: str = "QUEUED"
@@ -118,7 +122,12 @@ class LocalJob:
     injected_failure: bool = False
     modelled_queue_s: float | None = None
     modelled_processing_s: float | None = None
+    answer: str | None = None  # an LLM job's `output`: the provider's JSON as a string
     done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def slug(self) -> str:
+        return self.request.slug
 
     @property
     def final(self) -> bool:
@@ -129,10 +138,11 @@ class LocalJob:
         latency = (self.completed_at - self.created_at) * 1000 if self.completed_at else None
         return {
             "request_id": self.request_id,
-            "model_name": MODEL_SLUG,
+            "model_name": self.slug,
             "model_status": state,
             "request_body": self.body,
-            "generation_url": f"{base_url}/files/{self.request_id}.mp4" if self.status == "COMPLETED" else None,
+            "generation_url": (f"{base_url}/files/{self.request_id}.mp4"
+                               if self.status == "COMPLETED" and self.slug == MODEL_SLUG else None),
             "credits_deduction": self.cost,
             "latency_ms": round(latency) if latency is not None else None,
             "created_at": _iso(self.created_at),
@@ -157,11 +167,14 @@ class JobQueue:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="render")
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, request: AvatarRequest, body: dict[str, Any]) -> LocalJob:
+    def submit(self, request: AvatarRequest | LlmRequest, body: dict[str, Any]) -> LocalJob:
         job = LocalJob(request_id=str(uuid.uuid4()), request=request, body=body, created_at=time.time(),
                        injected_failure=self.chaos.roll("fail_rate"))
         self.jobs[job.request_id] = job
-        run = self._run_timed(job) if self.timing.vendor else self._run(job)
+        if isinstance(request, LlmRequest):
+            run = self._run_llm(job)
+        else:
+            run = self._run_timed(job) if self.timing.vendor else self._run(job)
         task = asyncio.get_running_loop().create_task(run)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -198,6 +211,21 @@ class JobQueue:
                 self.credits = round(self.credits - job.cost, 6)
             job.completed_at = time.time()
             job.done.set()
+
+    async def _run_llm(self, job: LocalJob) -> None:
+        """The LLM stand-in (avatarflow.local.writer): queued, written, priced by its tokens."""
+        await asyncio.sleep(LLM_QUEUE_S)
+        job.status, job.started_at = "PROCESSING", time.time()
+        job.answer, usage = writer.answer(job.slug, job.body)
+        await asyncio.sleep(max(0.0, job.started_at + self.chaos.settings.min_processing_time - time.time()))
+        if job.injected_failure:
+            job.status, job.error = "FAILED", INJECTED_FAILURE
+        else:
+            job.status = "COMPLETED"
+            job.cost = round(usage["prompt_tokens"] * LLM_PRICE_IN + usage["completion_tokens"] * LLM_PRICE_OUT, 6)
+            self.credits = round(self.credits - job.cost, 6)
+        job.completed_at = time.time()
+        job.done.set()
 
     async def _run_timed(self, job: LocalJob) -> None:
         """The vendor-like mode: modelled times, the render running meanwhile."""
@@ -277,7 +305,7 @@ class JobQueue:
 
     def summary(self) -> dict[str, Any]:
         return {
-            rid: {"status": j.status, "created_at": j.created_at, "started_at": j.started_at,
+            rid: {"model": j.slug, "status": j.status, "created_at": j.created_at, "started_at": j.started_at,
                   "completed_at": j.completed_at, "seed": j.seed, "error": j.error,
                   "duration_s": j.duration_s, "modelled_queue_s": j.modelled_queue_s,
                   "modelled_processing_s": j.modelled_processing_s}

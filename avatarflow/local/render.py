@@ -22,7 +22,7 @@ import numpy as np
 from avatarflow.contract import RESOLUTION_SIZE, AvatarRequest
 from avatarflow.local import animate
 from avatarflow.local.encode import FPS, EncodeError, VideoWriter
-from avatarflow.local.safety import ContentBlocked, check_script
+from avatarflow.safety import ContentBlocked, check_script
 
 MAX_IMAGE_PIXELS = 40_000_000
 
