@@ -92,6 +92,16 @@ class Store:
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.s3.delete_object, Bucket=self.bucket, Key=key)
 
+    async def list_objects(self, prefix: str, *, after: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Objects whose key starts with `prefix`, in key order, after the key `after` (S3's
+        StartAfter), at most `limit`: each {key, size, etag, last_modified (aware datetime)}."""
+        return await asyncio.to_thread(_list_objects, self.s3, self.bucket, prefix, after, limit)
+
+    async def read_head(self, key: str, n: int = 4096) -> tuple[bytes, dict[str, Any]] | None:
+        """The first `n` bytes of `key` and what S3 says of it (one ranged GET): {size, etag,
+        content_type, metadata, last_modified}; None if there is no such object."""
+        return await asyncio.to_thread(_read_head, self.s3, self.bucket, key, n)
+
     async def presign(self, key: str, expires: int = 3600) -> str:
         return await asyncio.to_thread(archive.presign, self.s3, self.bucket, key, expires)
 
@@ -137,6 +147,53 @@ class Store:
         if head.get("ContentLength") != video.get("size") or not sha or sha != video.get("sha256"):
             return None
         return manifest
+
+
+def _list_objects(s3: Any, bucket: str, prefix: str, after: str | None, limit: int) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    kw: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if after:
+        kw["StartAfter"] = after
+    while len(out) < limit:
+        page = s3.list_objects_v2(**kw, MaxKeys=min(1000, limit - len(out)))
+        for o in page.get("Contents") or []:
+            out.append({"key": o["Key"], "size": o.get("Size", 0), "etag": str(o.get("ETag", "")).strip('"'),
+                        "last_modified": o.get("LastModified")})
+        if not page.get("IsTruncated") or not page.get("NextContinuationToken"):
+            break
+        kw = {"Bucket": bucket, "Prefix": prefix, "ContinuationToken": page["NextContinuationToken"]}
+    return out[:limit]
+
+
+def _read_head(s3: Any, bucket: str, key: str, n: int) -> tuple[bytes, dict[str, Any]] | None:
+    from botocore.exceptions import ClientError
+
+    def info(resp: dict[str, Any], size: int) -> dict[str, Any]:
+        return {"size": size, "etag": str(resp.get("ETag", "")).strip('"'),
+                "content_type": resp.get("ContentType"), "metadata": dict(resp.get("Metadata") or {}),
+                "last_modified": resp.get("LastModified")}
+
+    try:
+        resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(n, 1) - 1}")
+    except ClientError as exc:
+        if archive._is_not_found(exc):
+            return None
+        if archive._error_code(exc)[1] != 416:  # an empty object has no byte 0
+            raise
+        try:
+            head = s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as exc2:
+            if archive._is_not_found(exc2):
+                return None
+            raise
+        return b"", info(head, int(head.get("ContentLength") or 0))
+    body = resp["Body"]
+    try:
+        data = body.read()
+    finally:
+        body.close()
+    total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+    return data, info(resp, int(total) if total.isdigit() else int(resp.get("ContentLength") or len(data)))
 
 
 @asynccontextmanager
