@@ -33,6 +33,7 @@ from avatarflow.duration import (
 )
 from avatarflow.errors import AvatarflowError, JobFailed, NotFound
 from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
+from avatarflow.brief import Script, brief_of, write_script
 from avatarflow.inputs import PortraitInput, SpeechInput, prepare_portrait, prepare_speech
 from avatarflow.ledger import FAILED, COMPLETED, Job, Ledger
 from avatarflow.spec import VideoRequest
@@ -104,6 +105,7 @@ class VideoResult(BaseModel):
     size: int
     sha256: str
     timings: dict[str, float] = Field(default_factory=dict)
+    script: dict[str, Any] | None = None  # the script written from a brief: text, model, cost
 
     @classmethod
     def of(cls, archived: Archived, plan: Plan, *, cache_hit: bool, timings: dict[str, float]) -> VideoResult:
@@ -112,7 +114,7 @@ class VideoResult(BaseModel):
             thumbnail_url=archived.thumbnail_url, request_id=archived.manifest["request_id"],
             fingerprint=plan.fingerprint, seed=plan.seed, seed_random=plan.seed_random, cache_hit=cache_hit,
             cost=archived.manifest.get("cost"), size=archived.size, sha256=archived.sha256,
-            timings={k: round(v, 3) for k, v in timings.items()},
+            timings={k: round(v, 3) for k, v in timings.items()}, script=archived.manifest.get("script"),
         )
 
 
@@ -135,6 +137,7 @@ class Context:
     plan: Plan | None = None  # set once known, for the caller's failure report
     durations: SharedDurationModel | None = None
     prediction: Prediction | None = None
+    script: Script | None = None  # written from the request's brief, once it is
 
 
 def plan_job(video: VideoRequest, speech: SpeechInput, portrait: PortraitInput) -> Plan:
@@ -270,7 +273,7 @@ async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired:
 
 def manifest_of(
     video: VideoRequest, plan: Plan, finished: Finished, stored: Any, probe: media.VideoProbe,
-    *, timings: dict[str, float], backend: str, prediction: Prediction | None = None,
+    *, timings: dict[str, float], backend: str, prediction: Prediction | None = None, script: Script | None = None,
 ) -> dict[str, Any]:
     """Everything about one archived video; no key, no presigned signature. `duration`: the
     time to COMPLETED predicted before submit against the actual (queue, processing, total, when
@@ -298,6 +301,7 @@ def manifest_of(
         "output_via": finished.via,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "duration": timing_record(prediction, finished.metrics, finished.waited),
+        "script": script.record() if script else None,
         "backend": backend,
         "archived_at": _now_iso(),
     }
@@ -325,7 +329,7 @@ async def archive_output(
     thumb_key = store.thumbnail_key(plan.fingerprint)
     await store.put_bytes(thumb_key, seen["thumbnail"], "image/jpeg")
     manifest = manifest_of(video, plan, finished, stored, seen["probe"], timings=timings, backend=ctx.backend,
-                           prediction=ctx.prediction)
+                           prediction=ctx.prediction, script=ctx.script)
     manifest["thumbnail_s3_uri"] = store.uri(thumb_key)
     await store.put_json(store.manifest_key(plan.fingerprint), manifest)
     await ctx.ledger.mark(plan.fingerprint, COMPLETED, request_id=finished.request_id, s3_uri=stored.s3_uri)
@@ -355,6 +359,9 @@ async def look_up(store: Store, plan: Plan) -> Archived | None:
 
 class Steps:
     """One video's steps. A flow subclasses this to run each step as a Prefect task."""
+
+    async def script(self, ctx: Context, request: VideoRequest) -> Script:
+        return await write_script(ctx, brief_of(request))
 
     async def speech(self, ctx: Context, request: VideoRequest) -> SpeechInput:
         return await prepare_speech(request, ctx.store)
@@ -411,6 +418,10 @@ async def make_video(ctx: Context, request: VideoRequest, steps: Steps | None = 
     steps = steps or Steps()
     await ctx.ledger.check_store(ctx.log)
     lap = _Laps()
+    if request.brief:
+        ctx.script = await steps.script(ctx, request)
+        lap("script")
+        request = request.with_script(ctx.script.text)
     speech = await steps.speech(ctx, request)
     lap("speech")
     portrait = await steps.portrait(ctx, request)
@@ -418,7 +429,10 @@ async def make_video(ctx: Context, request: VideoRequest, steps: Steps | None = 
     ctx.plan = plan = plan_job(request, speech, portrait)
     ctx.log(f"fingerprint {plan.fingerprint}, seed {plan.seed}{' (random)' if plan.seed_random else ''}")
     ctx.prediction = await predict_job(ctx, plan.request, speech.audio_duration_s)
-    return await _finish(ctx, steps, request, plan, None, lap, resubmit_expired=request.resubmit_expired)
+    result, archived = await _finish(ctx, steps, request, plan, None, lap, resubmit_expired=request.resubmit_expired)
+    if ctx.script is not None:  # this run's script: `cached` says whether this run paid for it
+        result.script = {**ctx.script.record(), "cached": ctx.script.cached}
+    return result, archived
 
 
 async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None) -> tuple[VideoResult, Archived]:
@@ -443,7 +457,7 @@ async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None
     fp = fingerprint(request, image_sha256=image_sha, audio_sha256=audio_sha)
     ctx.plan = plan = Plan(request, fp, int(request.seed), seed_random, image_sha, audio_sha)
     ctx.prediction = await predict_job(ctx, request)
-    video = VideoRequest.model_validate(body)
+    video = VideoRequest.model_validate({k: v for k, v in body.items() if not (k == "voice_script" and body.get("audio"))})
     job = Job(request_id, submitted_at, resumed=True)
     return await _finish(ctx, steps, video, plan, job, lap, resubmit_expired=False)
 

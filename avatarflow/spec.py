@@ -131,8 +131,8 @@ class VideoRequest(AvatarRequest):
         return self
 
     def with_script(self, text: str) -> VideoRequest:
-        """This request speaking `text` (a script written from its brief)."""
-        return self.model_copy(update={"voice_script": text})
+        """This request speaking `text` (a script written from its brief; never a template)."""
+        return self.model_copy(update={"voice_script": text, "template_fields": None})
 
     @field_validator("image", mode="before")
     @classmethod

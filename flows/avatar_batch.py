@@ -69,7 +69,9 @@ async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[
         except Exception as e:  # the child run failed (or could not start): this row only
             return _entry(row, "failed", estimated_cost=estimate, run_name=run_name,
                           error=f"{type(e).__name__}: {e}")
-    cost = 0.0 if out.get("cache_hit") else out.get("cost")
+    script = out.get("script") or {}
+    cost = (0.0 if out.get("cache_hit") else out.get("cost") or 0.0) + (
+        0.0 if script.get("cached", True) else script.get("cost") or 0.0)
     return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
                   cache_hit=out["cache_hit"], estimated_cost=estimate, cost=cost, run_name=run_name)
 

@@ -91,6 +91,18 @@ def _timing_row(duration: dict | None, cache_hit: bool) -> str:
     return f"| time to COMPLETED | predicted {said}; actual {got}; {seen} |\n"
 
 
+def _script_rows(script: dict[str, Any] | None) -> str:
+    """The script written from a brief: the words, the model, its prompt and its cost."""
+    if not script:
+        return ""
+    prompt = " / ".join(m.get("content", "").replace("\n", "; ") for m in script.get("prompt", []) if m.get("role") == "user")
+    cost = script.get("cost")
+    return (f"| script | {script['text'].replace('|', '/')} |\n"
+            f"| script model | `{script['model']}` (request `{script['request_id']}`, "
+            f"cost {cost if cost is not None else 'n/a'}) |\n"
+            f"| script prompt | {prompt.replace('|', '/')} |\n")
+
+
 async def _report(result: VideoResult, archived: Archived) -> None:
     key = f"avatar-{result.fingerprint[:16]}"
     await acreate_link_artifact(
@@ -114,6 +126,7 @@ async def _report(result: VideoResult, archived: Archived) -> None:
             f"| cost | {result.cost if result.cost is not None else 'n/a'} |\n"
             f"| duration | {archived.manifest.get('video', {}).get('duration_s')} s |\n"
             f"{_timing_row(archived.manifest.get('duration'), result.cache_hit)}"
+            f"{_script_rows(result.script)}"
         ),
         description="Avatar video summary",
     )

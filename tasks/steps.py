@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect.states import State
 
+from avatarflow.brief import Script
 from avatarflow.inputs import PortraitInput, SpeechInput
 from avatarflow.ledger import Job
 from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
@@ -11,11 +12,15 @@ from avatarflow.spec import VideoRequest
 from tasks.archive import archive_task, cache_lookup_task
 from tasks.poll import poll_task
 from tasks.portrait import portrait_task
+from tasks.script import script_task
 from tasks.speech import speech_task
 from tasks.submit import submit_task
 
 
 class TaskSteps(Steps):
+    async def script(self, ctx: Context, request: VideoRequest) -> Script:
+        return await script_task(ctx, request)
+
     async def speech(self, ctx: Context, request: VideoRequest) -> SpeechInput:
         return await speech_task(request, ctx.store)
 
