@@ -35,7 +35,7 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 # ------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import asyncio
 import os
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +35,7 @@ from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
 from avatarflow.brief import Script, brief_of, write_script
 from avatarflow.inputs import PortraitInput, SpeechInput, prepare_portrait, prepare_speech
 from avatarflow.ledger import FAILED, COMPLETED, Job, Ledger
+from avatarflow.sources import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store, exclusive
 
@@ -151,20 +151,6 @@ def plan_job(video: VideoRequest, speech: SpeechInput, portrait: PortraitInput) 
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def shown_source(source: str | None) -> str | None:
-    """A source as records may show it: no query string (a presigned signature), no data: body."""
-    if not source:
-        return source
-    if source.startswith("data:"):
-        return source[:40] + "...(data URI)"
-    parts = urllib.parse.urlsplit(source)
-    if parts.query or parts.fragment or parts.password:
-        netloc = parts.hostname or ""
-        return urllib.parse.urlunsplit((parts.scheme, netloc + (f":{parts.port}" if parts.port else ""),
-                                        parts.path, "", ""))
-    return source
 
 
 async def _output_alive(client: SegmindClient, url: str) -> bool:
@@ -286,8 +272,8 @@ def manifest_of(
         "seed_random": plan.seed_random,
         "parameters": plan.request.model_dump(exclude={"image", "audio"}),
         "inputs": {
-            "image": shown_source(video.image), "image_sha256": plan.image_sha256,
-            "audio": shown_source(video.audio), "audio_sha256": plan.audio_sha256,
+            "image": display_source(video.image), "image_sha256": plan.image_sha256,
+            "audio": display_source(video.audio), "audio_sha256": plan.audio_sha256,
             "template_fields": video.template_fields, "preset": video.preset,
         },
         "video": {

@@ -33,7 +33,6 @@ import threading
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Iterator
 
 from avatarflow import netguard

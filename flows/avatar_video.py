@@ -16,7 +16,8 @@ from pydantic import BaseModel
 from avatarflow import config, progress
 from avatarflow.client import PollEvent
 from avatarflow.ledger import Ledger
-from avatarflow.pipeline import Archived, Context, VideoResult, make_video, shown_source
+from avatarflow.pipeline import Archived, Context, VideoResult, make_video
+from avatarflow.sources import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 from tasks.steps import TaskSteps
@@ -163,7 +164,7 @@ async def finish_run(make: Callable[[Context], Awaitable[tuple[VideoResult, Arch
         emit_event(
             event="avatarflow.video.failed",
             resource={"prefect.resource.id": f"avatarflow.video.{fingerprint}"},
-            payload={"error": str(e), "error_type": type(e).__name__, "image": shown_source(source)},
+            payload={"error": str(e), "error_type": type(e).__name__, "image": display_source(source)},
         )
         raise
     await _report(result, archived)
