@@ -449,15 +449,24 @@ class SharedDurationModel:
 _SHARED: dict[tuple[str, str, str], SharedDurationModel] = {}
 
 
-def model_key(store: Any, backend: str) -> str:
-    """The shared document of one backend (the vendor's and the local API's times differ)."""
-    return store.key("models", f"duration-{backend}.json")
+def service_name(backend: str, base_url: str | None = None) -> str:
+    """What a model document is about: the backend and the API's host and port (a credentials
+    block pointing the `segmind` backend at the local API gets the local API's own document)."""
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base_url).netloc if base_url else ""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{backend}-{where}" if where else backend).strip("-")
 
 
-def shared_model(store: Any, backend: str) -> SharedDurationModel:
+def model_key(store: Any, service: str) -> str:
+    """The shared document of one service (the vendor's and the local API's times differ)."""
+    return store.key("models", f"duration-{service}.json")
+
+
+def shared_model(store: Any, service: str) -> SharedDurationModel:
     """One SharedDurationModel per bucket document in this process, so runs in one process learn
     from each other at once (and from other machines at each refresh)."""
-    key = model_key(store, backend)
+    key = model_key(store, service)
     endpoint = str(getattr(getattr(getattr(store, "s3", None), "meta", None), "endpoint_url", ""))
     ident = (endpoint, str(getattr(store, "bucket", "")), key)
     shared = _SHARED.get(ident)
@@ -641,7 +650,7 @@ def simulate(pred: Prediction, end_s: float, *, queue_s: float | None = None,
 __all__ = [
     "Answer", "DEFAULT_PLAN", "DurationModel", "Fit", "Observation", "PlanConfig", "Poll", "Prediction",
     "PRIOR_COST_PER_S", "PRIOR_QUEUE_S", "SharedDurationModel", "Speech", "TYPICAL_CLIP_S", "audio_seconds", "model_key",
-    "shared_model", "timing_record",
+    "service_name", "shared_model", "timing_record",
     "end_distribution", "fixed_prediction", "next_poll", "observation", "poll_plan", "script_seconds",
     "simulate", "speech_of", "theil_sen", "window",
 ]

@@ -26,6 +26,7 @@ from avatarflow.duration import (
     Speech,
     fixed_prediction,
     observation,
+    service_name,
     shared_model,
     speech_of,
     timing_record,
@@ -172,7 +173,7 @@ async def predict_job(ctx: Context, request: AvatarRequest, audio_s: float | Non
     model = DurationModel()
     try:
         if ctx.durations is None:
-            ctx.durations = shared_model(ctx.store, ctx.backend)
+            ctx.durations = shared_model(ctx.store, service_name(ctx.backend, ctx.client.base_url))
         model = await ctx.durations.refresh()
     except Exception as e:  # the model is an optimisation: polling works without it
         ctx.log(f"duration model not read ({type(e).__name__}: {e}); using what this process knows")
@@ -193,7 +194,8 @@ async def learn(ctx: Context, finished: Finished, output_s: float | None = None)
     obs = observation(finished.request_id, ctx.prediction, metrics=finished.metrics if finished.via != "history" else None,
                       latency_ms=latency * 1000 if latency else None, output_s=output_s)
     try:
-        await ctx.durations.record(obs)
+        if obs is not None and not await ctx.durations.record(obs):
+            ctx.log("duration model not updated (the shared document kept changing)")
     except Exception as e:
         ctx.log(f"duration model not updated ({type(e).__name__}: {e})")
 

@@ -9,6 +9,7 @@ import math
 import random
 import statistics
 import time
+import urllib.parse
 
 import httpx
 import pytest
@@ -234,6 +235,20 @@ def test_scripts_are_corrected_per_language_by_real_lengths():
     assert model.speech_correction("French") == (1.0, pytest.approx(0.10))
     pred = model.predict("720p", Speech(20.0, False, "German"))
     assert pred.processing_s == pytest.approx(3.0 * 24.0, rel=0.01)
+
+
+def test_each_service_has_its_own_document():
+    from avatarflow.duration import model_key, service_name
+
+    assert service_name("segmind", "https://api.segmind.com") == "segmind-api.segmind.com"
+    assert service_name("segmind", "http://127.0.0.1:8787") == "segmind-127.0.0.1-8787"
+    assert service_name("local") == "local"
+
+    class S:
+        def key(self, *parts):
+            return "/".join(("pre",) + parts)
+
+    assert model_key(S(), "local-127.0.0.1-9") == "pre/models/duration-local-127.0.0.1-9.json"
 
 
 def test_observation_from_metrics_or_history_latency():
@@ -483,3 +498,40 @@ def test_wait_history_failed_is_final(api):
             return info.value
 
     assert asyncio.run(main()).error
+
+
+# ------------------------------------------------------------------ wired into the pipeline
+
+
+def test_a_run_records_predicted_vs_actual_and_teaches_the_shared_model(api, pipeline_env, portrait_path, s3,
+                                                                         s3_bucket):
+    """The flow predicts before submit, polls on the plan, writes predicted vs actual into the
+    manifest, and merges the job into the backend's document in the bucket; a second run of
+    another script predicts from it."""
+    import json
+
+    from avatarflow.spec import VideoRequest
+    from flows.avatar_video import avatar_video
+
+    prefix = pipeline_env
+    out = asyncio.run(avatar_video(request=VideoRequest(
+        image=str(portrait_path), voice_script="A short line to time the job by.", seed=4242)))
+    bucket, key = out["manifest_uri"][5:].split("/", 1)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    d = manifest["duration"]
+    assert d["predicted"]["source"] == "prior" and d["predicted"]["seconds"] > 0
+    assert d["actual"]["total_s"] > 0 and d["actual"]["polls"] >= 1 and d["actual"]["noticed_s"] >= d["actual"]["total_s"]
+    assert d["error_s"] == pytest.approx(d["actual"]["total_s"] - d["predicted"]["seconds"], abs=0.01)
+    models = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"{prefix}/models/").get("Contents", [])]
+    host = urllib.parse.urlsplit(api.base_url).netloc.replace(":", "-")
+    assert models == [f"{prefix}/models/duration-{manifest['backend']}-{host}.json"]
+    doc = json.loads(s3.get_object(Bucket=s3_bucket, Key=models[0])["Body"].read())
+    assert out["request_id"] in {o["id"] for o in doc["observations"]}
+    obs = next(o for o in doc["observations"] if o["id"] == out["request_id"])
+    assert obs["output_s"] == pytest.approx(manifest["video"]["duration_s"], abs=0.01)
+
+    out2 = asyncio.run(avatar_video(request=VideoRequest(
+        image=str(portrait_path), voice_script="Another short line, a little longer than the first one.", seed=4243)))
+    bucket, key = out2["manifest_uri"][5:].split("/", 1)
+    d2 = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["duration"]
+    assert d2["predicted"]["source"] == "fitted" and d2["predicted"]["n"] >= 1
