@@ -583,7 +583,8 @@ def window(pred: Prediction, answers: Iterable[Answer] = (), cfg: PlanConfig = D
 def next_poll(pred: Prediction, answers: Iterable[Answer] = (), now: float = 0.0,
               cfg: PlanConfig = DEFAULT_PLAN) -> Poll:
     """When to ask next (seconds after submit), given the prediction and the non-final answers
-    so far. No poll before the window; every gap across it (re-anchored by the answers: a job
+    so far. No poll before the window; the first one gap into it (at its end when it is
+    narrower), then every gap across it (re-anchored by the answers: a job
     still QUEUED moves the window later, PROCESSING pins its start); after it, growing gaps."""
     answers = sorted(answers, key=lambda a: a.at)
     last = answers[-1].at if answers else -math.inf
@@ -597,8 +598,8 @@ def next_poll(pred: Prediction, answers: Iterable[Answer] = (), now: float = 0.0
                  if not end_distribution(pred, answers[:k], grid=cfg.grid))
         lo = hi = answers[k - 1].at
         gap = cfg.gap_s
-    if last < lo:
-        at = max(earliest, lo)
+    if last < lo:  # the first poll one gap into the window (a poll at its very start finds little)
+        at = max(earliest, min(lo + gap, hi))
         phase = "window"
     elif last < hi:
         at = max(earliest, last + gap)
