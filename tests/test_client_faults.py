@@ -379,8 +379,10 @@ async def test_stream_output_sends_no_key(api, client, done_id):
         async with client.stream_output(f"http://127.0.0.1:{srv.server_port}/out.mp4") as r:
             got = await r.aread()
         assert got == data
-        # the API calls do send it: same client, same recorder
-        await client._get(f"http://127.0.0.1:{srv.server_port}/api")
+        # an API call sends it, to the configured API host only: a client whose base is the recorder
+        base = f"http://127.0.0.1:{srv.server_port}"
+        async with SegmindClient(api_key=api.api_key, base_url=base) as own:
+            await own._get(f"{base}/api")
     finally:
         srv.shutdown()
         srv.server_close()
