@@ -175,7 +175,7 @@ def brief_of(request: Any) -> Brief:
     from avatarflow.inputs import render_script
 
     return Brief(
-        brief=render_script(request.brief, request.template_fields), language=request.voice_language,
+        brief=render_script(request.brief, request.template_fields, "brief"), language=request.voice_language,
         voice=request.voice, voice_prompt=request.voice_prompt, target_seconds=request.target_seconds,
         tone=request.tone, audience=request.audience, call_to_action=request.call_to_action,
         model=request.script_model, seed=None if request.random_seed else int(request.seed),

@@ -26,9 +26,11 @@ def estimate_seconds(request: VideoRequest) -> float:
     brief, or AUDIO_ESTIMATE_S for a recording."""
     if request.audio:
         return AUDIO_ESTIMATE_S
-    if request.brief:
-        return LEAD_SECONDS + request.target_seconds
     from avatarflow.inputs import render_script
+
+    if request.brief:
+        render_script(request.brief, request.template_fields, "brief")  # a bad template fails up front
+        return LEAD_SECONDS + request.target_seconds
 
     script = render_script(request.voice_script, request.template_fields)
     return LEAD_SECONDS + len(script.split()) / WORDS_PER_SECOND

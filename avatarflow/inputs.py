@@ -213,16 +213,16 @@ class PortraitInput:
     source: str
 
 
-def render_script(template: str, fields: dict[str, Any] | None) -> str:
-    """voice_script as a Jinja2 template over a row's fields; literal text when there are none.
+def render_script(template: str, fields: dict[str, Any] | None, field: str = "voice_script") -> str:
+    """voice_script (or `field`, e.g. brief) as a Jinja2 template over a row's fields; literal text when there are none.
 
     Untrusted: the template is at most MAX_TEMPLATE_CHARS, renders in a bounded sandbox
     (BoundedSandbox: MAX_TEMPLATE_WORK steps, range() of at most MAX_RANGE, sizes capped) and its
     text may not pass MAX_RENDERED_CHARS (rendering stops there). TemplateError otherwise."""
     if not isinstance(template, str):
-        raise TemplateError("voice_script is not a string")
+        raise TemplateError(f"{field} is not a string")
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise TemplateError(f"voice_script is too long ({len(template)} characters); "
+        raise TemplateError(f"{field} is too long ({len(template)} characters); "
                             f"allowed: at most {MAX_TEMPLATE_CHARS}")
     if not fields:
         return template
@@ -238,23 +238,23 @@ def render_script(template: str, fields: dict[str, Any] | None) -> str:
         text = "".join(out)
     except jinja2.UndefinedError as e:
         raise TemplateError(
-            f"voice_script template uses a field the row lacks ({e.message}); fields: {', '.join(sorted(fields))}"
+            f"{field} template uses a field the row lacks ({e.message}); fields: {', '.join(sorted(fields))}"
         ) from None
     except jinja2.TemplateSyntaxError as e:
-        raise TemplateError(f"voice_script template is not valid Jinja2: {e.message} (line {e.lineno})") from None
+        raise TemplateError(f"{field} template is not valid Jinja2: {e.message} (line {e.lineno})") from None
     except _Budget as e:
-        raise TemplateError(f"voice_script template {e}; allowed: at most {MAX_RENDERED_CHARS} characters "
+        raise TemplateError(f"{field} template {e}; allowed: at most {MAX_RENDERED_CHARS} characters "
                             f"rendered, {MAX_TEMPLATE_WORK} steps, range() of {MAX_RANGE}") from None
     except jinja2.sandbox.SecurityError:
-        raise TemplateError("voice_script template uses an operation the sandbox does not allow") from None
+        raise TemplateError(f"{field} template uses an operation the sandbox does not allow") from None
     except RecursionError:
-        raise TemplateError("voice_script template recurses too deeply") from None
+        raise TemplateError(f"{field} template recurses too deeply") from None
     except Exception as e:  # TypeError, ZeroDivisionError, OverflowError... from the template's own code
-        raise TemplateError(f"voice_script template failed to render ({type(e).__name__})") from None
+        raise TemplateError(f"{field} template failed to render ({type(e).__name__})") from None
     finally:
         _work.reset(token)
     if not text.strip():
-        raise TemplateError("voice_script template rendered to empty text")
+        raise TemplateError(f"{field} template rendered to empty text")
     return text
 
 

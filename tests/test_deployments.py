@@ -93,7 +93,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
                                             "voice": "Kore (Female)", "seed": 8080, "expected_seconds": 3}})
 
     # 2. the event: a portrait landed in S3 (sent by `avatarflow emit`, through the events API)
-    key = f"uploads/{uuid.uuid4().hex}.jpg"
+    key = f"{deployed['prefix']}/uploads/{uuid.uuid4().hex}.jpg"
     s3.put_object(Bucket=s3_bucket, Key=key, Body=portrait_path.read_bytes(), ContentType="image/jpeg")
     sent = subprocess.run(
         [sys.executable, "-m", "avatarflow.ops_cli", "emit", "portrait-uploaded", f"s3://{s3_bucket}/{key}",
@@ -102,7 +102,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     assert sent.returncode == 0 and "emitted avatarflow.portrait.uploaded" in sent.stdout, sent.stdout + sent.stderr
 
     # 3. the content calendar in S3, run through the batch deployment
-    cal_key = f"calendars/{uuid.uuid4().hex}.jsonl"
+    cal_key = f"{deployed['prefix']}/calendars/{uuid.uuid4().hex}.jsonl"
     rows = [{"image": str(portrait_path), "voice_script": "Batch row.", "seed": 31, "publish_date": "2026-11-24"},
             {"image": str(portrait_path), "voice_script": "Bad voice.", "voice": "Nobody", "publish_date": "2026-11-24"},
             {"image": str(portrait_path), "voice_script": "Not today.", "publish_date": "2026-11-25"}]
