@@ -264,6 +264,11 @@ def _expect_rejected(fn, field_name: str, rule: str) -> str:
     return text
 
 
+def _speech(request: dict, script: str) -> dict:
+    """`request` with a voice_script unless it brings its own speech (exactly one of them)."""
+    return request if {"audio", "voice_script", "brief"} & set(request) else {**request, "voice_script": script}
+
+
 def _video(**request):
     def run():
         try:
@@ -319,7 +324,7 @@ def _local_cases(world: World) -> list[tuple[str, dict, str, str]]:
 def test_local_paths_through_avatar_video(hostile, case):
     _, request, field_name, rule = next(c for c in _local_cases(hostile) if c[0] == case)
     t = time.monotonic()
-    _expect_rejected(_video(voice_script="Hello.", seed=1, **request), field_name, rule)
+    _expect_rejected(_video(**_speech(request, "Hello."), seed=1), field_name, rule)
     assert time.monotonic() - t < 60
 
 
@@ -404,7 +409,7 @@ def test_allowed_server_cannot_lead_inward_or_overwhelm(hostile, case):
     url = f"{hostile.origin.base}{path}"
     request = {"image": url} if field_name == "image" else {"image": f"{hostile.root}/portrait.jpg", "audio": url}
     t = time.monotonic()
-    _expect_rejected(_video(voice_script="Hi.", seed=1, **request), field_name, rule)
+    _expect_rejected(_video(**_speech(request, "Hi."), seed=1), field_name, rule)
     if case == "slow-body":  # the total deadline (2 s), once per try (the task retries a timeout twice)
         assert time.monotonic() - t < 30
 
@@ -476,8 +481,8 @@ def test_text_caps_in_the_request_model(hostile):
                             template_fields={"x": "y" * 70_000}), "template_fields", r"too large")
     _expect_rejected(_video(image="data:image/jpeg;base64," + "A" * (600 * 1024), voice_script="Hi."),
                      "image", r"too long \(\d+ characters\); allowed: at most 524288")
-    _expect_rejected(_video(image=f"{hostile.root}/portrait.jpg", audio="data:audio/wav;base64," + "A" * 200_000,
-                            voice_script="Hi."), "audio", r"could not be decoded|not a supported audio format")
+    _expect_rejected(_video(image=f"{hostile.root}/portrait.jpg", audio="data:audio/wav;base64," + "A" * 200_000),
+                     "audio", r"could not be decoded|not a supported audio format")
 
 
 # ---- 7. the event-triggered deployment's parameters ----------------------------------------------------
@@ -601,7 +606,7 @@ def test_hostile_rows_fail_alone_before_any_submit(hostile, s3):
         ({"image": f"{w.root}/portrait.jpg", "voice_script": "{% for i in range(10**6) %}{{ name }} {% endfor %}",
           "name": "x"}, "voice_script", r"voice_script template"),
     ]
-    lines = [json.dumps({"voice_script": "Hello {{ name }}." if "name" in r else "Hello.", **r,
+    lines = [json.dumps({**_speech(r, "Hello {{ name }}." if "name" in r else "Hello."),
                          "publish_date": "2026-11-24", "seed": i}) for i, (r, _, _) in enumerate(rows)]
     key = f"{prefix}/calendars/hostile-{uuid.uuid4().hex[:8]}.jsonl"
     s3.put_object(Bucket=bucket, Key=key, Body="\n".join(lines).encode())
