@@ -27,6 +27,8 @@ from avatarflow.watch import Watcher, claims, derived_seed, sidecar_key, version
 from tests.fixtures_prefect_server import deployed, prefect_server  # noqa: F401
 
 NOT_IMAGE = "is not a supported image format (detected: text)"
+# a seed no other test of the session uses: the local API counts jobs by seed across tests
+SIDECAR_SEED = 4_242_424_242
 
 
 class Recorder:
@@ -184,11 +186,11 @@ def test_dropped_portraits_become_one_video_each(prefect_server, deployed, s3, s
     base = f"{deployed['prefix']}/{watched}"
     plain = _put(s3, s3_bucket, f"{base}ada.jpg", portrait_bytes, voice_script="From the metadata.")
     s3.put_object(Bucket=s3_bucket, Key=f"{base}bob.json",
-                  Body=json.dumps({"voice_script": "Dropped in a bucket.", "voice": "Puck (Male)", "seed": 4242}).encode())
+                  Body=json.dumps({"voice_script": "Dropped in a bucket.", "voice": "Puck (Male)", "seed": SIDECAR_SEED}).encode())
     sidecar = _put(s3, s3_bucket, f"{base}bob.jpg", portrait_bytes)
     text = _put(s3, s3_bucket, f"{base}readme.jpg", b"this is not a portrait\n", "image/jpeg")
     ada_etag = s3.head_object(Bucket=s3_bucket, Key=f"{base}ada.jpg")["ETag"].strip('"')
-    seeds = {plain: derived_seed(version_id(s3_bucket, f"{base}ada.jpg", ada_etag)), sidecar: 4242}
+    seeds = {plain: derived_seed(version_id(s3_bucket, f"{base}ada.jpg", ada_etag)), sidecar: SIDECAR_SEED}
 
     watch = _api(server, "GET", "/deployments/name/avatar_watch/bucket-watch").json()
     uploaded = _api(server, "GET", "/deployments/name/avatar_video/on-portrait-uploaded").json()
