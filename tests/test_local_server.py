@@ -309,8 +309,8 @@ def test_min_processing_time_pending_history_and_paging(api, image):
     full = get(api, "/inference-request/request-history", per_page=100, from_date=today, to_date=today,
                model_name="video-avatar").json()
     assert rid in {r["request_id"] for r in full["data"]} and full["total"] >= 2
-    first = get(api, "/inference-request/request-history", per_page=1, page=1).json()
-    second = get(api, "/inference-request/request-history", per_page=1, page=2).json()
+    first = get(api, "/inference-request/request-history", per_page=1, page=1, model_name="video-avatar").json()
+    second = get(api, "/inference-request/request-history", per_page=1, page=2, model_name="video-avatar").json()
     assert first["total"] == second["total"] == full["total"] and first["per_page"] == 1
     assert first["data"][0]["request_id"] != second["data"][0]["request_id"]
     asc = get(api, "/inference-request/request-history", per_page=100, sort_order="asc").json()["data"]
