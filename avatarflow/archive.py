@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avatarflow.errors import AvatarflowError
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
@@ -39,7 +41,7 @@ SHA256_META = "sha256"
 _READ_CHUNK = 1 * MiB
 
 
-class ArchiveError(RuntimeError):
+class ArchiveError(AvatarflowError, RuntimeError):
     """An archive operation failed or what landed in S3 is not what was sent."""
 
 

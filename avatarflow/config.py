@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
 from avatarflow.contract import EXPECTED_DURATION_S
+from avatarflow.errors import AvatarflowError
 
 # The local engine renders a short script in seconds, not the vendor's ~100 s.
 LOCAL_EXPECTED_S = 5.0
@@ -242,7 +243,7 @@ class ArchiveSettings:
         return s3_client(self.endpoint_url, self.access_key, self.secret_key, self.region)
 
 
-class NotConfigured(RuntimeError):
+class NotConfigured(AvatarflowError, RuntimeError):
     """Neither the environment nor the local services say where something is."""
 
 

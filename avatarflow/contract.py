@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from avatarflow.errors import AvatarflowError
+
 MODEL_SLUG = "p-video-avatar"
 
 Voice = Literal[
@@ -260,7 +262,7 @@ class LlmRequest(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
-class ContractError(ValueError):
+class ContractError(AvatarflowError, ValueError):
     """A request that breaks the contract; the message names each field, value and what is allowed."""
 
     def __init__(self, message: str, fields: list[str]):

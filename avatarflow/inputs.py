@@ -20,9 +20,10 @@ import jinja2.visitor
 
 from avatarflow import media
 from avatarflow.contract import VOICE_SCRIPT_MAX_CHARS
+from avatarflow.errors import AvatarflowError
 from avatarflow.fingerprint import sha256_hex
-from avatarflow.spec import VideoRequest
 from avatarflow.sources import SourcePolicy, _shown, display_source, resolve_policy
+from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 
 MAX_IMAGE_BYTES = 30 * 1024 * 1024
@@ -37,7 +38,7 @@ MAX_RANGE = 1_000                             # items of one range()
 MAX_INT_BITS = 4_096                          # size of an integer an operator may produce
 
 
-class TemplateError(ValueError):
+class TemplateError(AvatarflowError, ValueError):
     """voice_script could not be rendered from the row's fields."""
 
     field = "voice_script"

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from avatarflow.errors import AvatarflowError
+
 # ---- limits -----------------------------------------------------------------------------------
 IMAGE_MAX_BYTES = 20 * 1024 * 1024
 IMAGE_MIN_SIDE = 128          # below this the face is too small to animate
@@ -54,7 +56,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-class MediaError(ValueError):
+class MediaError(AvatarflowError, ValueError):
     """A media input we cannot use.
 
     ``field`` ('image' or 'audio'), ``value`` (the shortened reference, or None), ``problem``,

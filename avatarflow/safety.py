@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from avatarflow.errors import AvatarflowError
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -35,7 +37,7 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-class ContentBlocked(ValueError):
+class ContentBlocked(AvatarflowError, ValueError):
     """The script matched a blocklist rule; the message is safe to show (no quoted words)."""
 
     def __init__(self, rule: str):
