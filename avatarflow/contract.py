@@ -42,6 +42,10 @@ RESOLUTION_SIZE: dict[str, tuple[int, int]] = {"720p": (1280, 720), "1080p": (19
 PRICE_PER_SECOND: dict[str, float] = {"720p": 0.025, "1080p": 0.045}
 
 SEED_MIN, SEED_MAX = -1, 999_999_999_999_999
+# Our caps on the media we fetch and send (the vendor states none): a portrait larger than this is
+# not a photo of a face; a recording this large is minutes of lossless audio.
+IMAGE_MAX_BYTES = 20 * 1024 * 1024
+AUDIO_MAX_BYTES = 50 * 1024 * 1024
 # The vendor states no limit for voice_script. Ours: 5,000 characters, about 800 words, about
 # five minutes of speech at 150 words a minute: as long as the longest audio we accept
 # (media.AUDIO_MAX_SECONDS = 300 s). It caps a template and what it renders to.

@@ -19,15 +19,13 @@ import jinja2.sandbox
 import jinja2.visitor
 
 from avatarflow import media
-from avatarflow.contract import VOICE_SCRIPT_MAX_CHARS
+from avatarflow.contract import AUDIO_MAX_BYTES, IMAGE_MAX_BYTES, VOICE_SCRIPT_MAX_CHARS
 from avatarflow.errors import AvatarflowError
 from avatarflow.fingerprint import sha256_hex
 from avatarflow.sources import SourcePolicy, _shown, display_source, resolve_policy
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 
-MAX_IMAGE_BYTES = 30 * 1024 * 1024
-MAX_AUDIO_BYTES = 50 * 1024 * 1024
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 
 # Templates are untrusted (a UI user's voice_script, a calendar's rows): bounded in size and work.
@@ -270,13 +268,20 @@ async def _policy(store: Store | None, policy: SourcePolicy | None) -> SourcePol
     return policy if policy is not None else await resolve_policy(store)
 
 
+async def fetch_media(ref: str, field: str, store: Store, *, policy: SourcePolicy | None = None) -> bytes:
+    """The bytes of an `image` or `audio` source under the policy in force (default: the
+    operator's), within that field's size cap."""
+    cap = IMAGE_MAX_BYTES if field == "image" else AUDIO_MAX_BYTES
+    return await _read(ref, field, store, cap, await _policy(store, policy))
+
+
 async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourcePolicy | None = None) -> SpeechInput:
     """Render the script, or fetch (through the source policy: by default the operator's, from
     avatarflow.config), check and stage the audio."""
     script = render_script(request.voice_script, request.template_fields)
     if not request.audio:
         return SpeechInput(voice_script=script)
-    data = await _read(request.audio, "audio", store, MAX_AUDIO_BYTES, await _policy(store, policy))
+    data = await _read(request.audio, "audio", store, AUDIO_MAX_BYTES, await _policy(store, policy))
     info = await asyncio.to_thread(media.check_audio, data, source=_shown(request.audio))
     url = await store.stage(info.data, info.sha256, info.format, info.content_type)
     return SpeechInput(
@@ -290,7 +295,7 @@ async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourceP
 
 async def check_portrait(request: VideoRequest, store: Store | None, *,
                          policy: SourcePolicy | None = None) -> media.Portrait:
-    data = await _read(request.image, "image", store, MAX_IMAGE_BYTES, await _policy(store, policy))
+    data = await _read(request.image, "image", store, IMAGE_MAX_BYTES, await _policy(store, policy))
     return await asyncio.to_thread(media.check_portrait, data, source=_shown(request.image))
 
 

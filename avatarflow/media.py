@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from avatarflow.contract import AUDIO_MAX_BYTES, IMAGE_MAX_BYTES
 from avatarflow.errors import AvatarflowError
 
 # ---- limits -----------------------------------------------------------------------------------
-IMAGE_MAX_BYTES = 20 * 1024 * 1024
 IMAGE_MIN_SIDE = 128          # below this the face is too small to animate
 IMAGE_MAX_SIDE = 8192         # larger than any sensible portrait; 1080p output needs ~1920
 IMAGE_MAX_PIXELS = 40_000_000  # ~120 MB as RGB; under Pillow's own bomb limit (~89 MP)
-AUDIO_MAX_BYTES = 50 * 1024 * 1024
 AUDIO_MIN_SECONDS = 0.3
 AUDIO_MAX_SECONDS = 300.0
 

@@ -4,7 +4,6 @@ chained; a flow hands them `Steps` whose methods are its Prefect tasks."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 import time
@@ -16,8 +15,15 @@ from typing import Any, Awaitable, Callable
 from pydantic import BaseModel, Field
 
 from avatarflow import media
-from avatarflow.client import PollEvent, SegmindClient
-from avatarflow.contract import EXPECTED_DURATION_S, MODEL_SLUG, AvatarRequest, Metrics, check_request_id
+from avatarflow.brief import Script, brief_of, write_script
+from avatarflow.client import DOWNLOAD_CHUNK, PollEvent, SegmindClient
+from avatarflow.contract import (
+    EXPECTED_DURATION_S,
+    MODEL_SLUG,
+    AvatarRequest,
+    Metrics,
+    check_request_id,
+)
 from avatarflow.duration import (
     TYPICAL_CLIP_S,
     DurationModel,
@@ -33,17 +39,20 @@ from avatarflow.duration import (
 )
 from avatarflow.errors import AvatarflowError, JobFailed, NotFound
 from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
-from avatarflow.brief import Script, brief_of, write_script
-from avatarflow.inputs import PortraitInput, SpeechInput, prepare_portrait, prepare_speech
-from avatarflow.ledger import FAILED, COMPLETED, Job, Ledger
+from avatarflow.inputs import (
+    PortraitInput,
+    SpeechInput,
+    fetch_media,
+    prepare_portrait,
+    prepare_speech,
+)
+from avatarflow.ledger import COMPLETED, FAILED, Job, Ledger
 from avatarflow.sources import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store, exclusive
 
-DOWNLOAD_CHUNK = 1 << 20
 PRESIGN_EXPIRES_S = 24 * 3600
 THUMBNAIL_AT_S = 0.5
-RESUME_MAX_BYTES = 50 << 20
 
 Log = Callable[[str], Any]
 OnStatus = Callable[[PollEvent], Awaitable[None] | None]
@@ -439,8 +448,8 @@ async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None
         if not isinstance(row.request_body, dict):
             raise JobExpired(f"request {request_id}: the history has no request body to resume from")
         body, submitted_at, seed_random = row.request_body, time.time() - ctx.expected_seconds, False
-        image_sha = sha256_hex(await _fetch(body["image"], "image", ctx.store))
-        audio_sha = sha256_hex(await _fetch(body["audio"], "audio", ctx.store)) if body.get("audio") else None
+        image_sha = sha256_hex(await fetch_media(body["image"], "image", ctx.store))
+        audio_sha = sha256_hex(await fetch_media(body["audio"], "audio", ctx.store)) if body.get("audio") else None
     request = AvatarRequest.model_validate(body)
     fp = fingerprint(request, image_sha256=image_sha, audio_sha256=audio_sha)
     ctx.plan = plan = Plan(request, fp, int(request.seed), seed_random, image_sha, audio_sha)
@@ -448,10 +457,6 @@ async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None
     video = VideoRequest.model_validate({k: v for k, v in body.items() if not (k == "voice_script" and body.get("audio"))})
     job = Job(request_id, submitted_at, resumed=True)
     return await _finish(ctx, steps, video, plan, job, lap, resubmit_expired=False)
-
-
-async def _fetch(ref: str, field: str, store: Store) -> bytes:
-    return await asyncio.to_thread(media.read_source, ref, field=field, s3_client=store.s3, max_bytes=RESUME_MAX_BYTES)
 
 
 def download_copy(url: str, dest: Path) -> Path:

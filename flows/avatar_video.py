@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from avatarflow import config, progress
 from avatarflow.client import PollEvent
+from avatarflow.contract import DEFAULT_VOICE
 from avatarflow.ledger import Ledger
 from avatarflow.pipeline import Archived, Context, VideoResult, make_video
 from avatarflow.sources import display_source
@@ -30,7 +31,7 @@ def _run_name() -> str:
         req = req.model_dump()
     image = str(req.get("image", "portrait")).rstrip("/").rsplit("/", 1)[-1][:24]
     words = "audio" if req.get("audio") else "-".join(str(req.get("voice_script", "")).split()[:3])[:30]
-    voice = str(req.get("voice", "Zephyr (Female)")).split(" ")[0]
+    voice = str(req.get("voice", DEFAULT_VOICE)).split(" ")[0]
     name = f"avatar-{image}-{voice}-{words}".lower()
     return re.sub(r"[^a-z0-9._-]+", "-", name).strip("-")
 

@@ -13,7 +13,8 @@ import pytest
 
 from avatarflow.contract import VOICE_LANGUAGES, VOICES, voice_gender
 from avatarflow.local import tts
-from avatarflow.local.tts import AudioError, Speech, is_pause, load_audio, synthesize, write_wav
+from avatarflow.local.encode import write_wav
+from avatarflow.local.tts import AudioError, Speech, is_pause, load_audio, synthesize
 
 SENTENCES = {
     "English (US)": "Good morning, how are you today?",
@@ -299,7 +300,7 @@ def test_load_audio_rejects_video_without_audio():
 def test_write_wav_roundtrip(tmp_path):
     s = synthesize("Hello there.", "Orus (Male)", "English (US)")
     path = tmp_path / "out.wav"
-    write_wav(s, path)
+    write_wav(path, s.samples, s.sample_rate)
     with wave.open(str(path), "rb") as w:
         assert w.getnchannels() == 1 and w.getsampwidth() == 2
         assert w.getframerate() == s.sample_rate and w.getnframes() == len(s.samples)

@@ -44,8 +44,7 @@ import numpy as np
 
 from avatarflow import face as fm
 from avatarflow.face import Face
-
-FPS = 25
+from avatarflow.local.encode import FPS
 
 # ---- still camera ---------------------------------------------------------------------------
 _STILL = re.compile(

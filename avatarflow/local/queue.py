@@ -32,14 +32,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from avatarflow import media
-from avatarflow.contract import MODEL_SLUG, AvatarRequest, LlmRequest, cost_of
+from avatarflow.contract import (
+    AUDIO_MAX_BYTES,
+    IMAGE_MAX_BYTES,
+    MODEL_SLUG,
+    AvatarRequest,
+    LlmRequest,
+    cost_of,
+)
 from avatarflow.fingerprint import random_seed
 from avatarflow.local import writer
 from avatarflow.local.chaos import Chaos
 from avatarflow.sources import SourcePolicy
 
-MAX_IMAGE_BYTES = 30 * 1024 * 1024
-MAX_AUDIO_BYTES = 50 * 1024 * 1024
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
 FETCH_POLICY = SourcePolicy(allow_http=True, allow_hosts=("127.0.0.1", "localhost", "::1"))
@@ -277,11 +282,11 @@ class JobQueue:
 
         req = job.request
         image = await asyncio.to_thread(
-            media.read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=MAX_IMAGE_BYTES
+            media.read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=IMAGE_MAX_BYTES
         )
         audio = (
             await asyncio.to_thread(
-                media.read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=MAX_AUDIO_BYTES
+                media.read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=AUDIO_MAX_BYTES
             )
             if req.audio else None
         )

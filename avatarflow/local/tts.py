@@ -17,7 +17,6 @@ import os
 import re
 import struct
 import threading
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,6 @@ __all__ = [
     "synthesize",
     "to_speakable",
     "voice_settings",
-    "write_wav",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -566,14 +564,3 @@ def load_audio(data: bytes, sample_rate: int = 24000) -> Speech:
         raise AudioError("audio holds no samples")
     np.clip(samples, -1.0, 1.0, out=samples)
     return Speech(samples=samples, sample_rate=sample_rate, phonemes=())
-
-
-def write_wav(speech: Speech, path: str | os.PathLike[str]) -> None:
-    """Write mono 16-bit PCM WAV."""
-    pcm = np.clip(np.asarray(speech.samples, np.float32), -1.0, 1.0)
-    pcm16 = np.round(pcm * 32767.0).astype("<i2")
-    with wave.open(str(Path(path)), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(int(speech.sample_rate))
-        w.writeframes(pcm16.tobytes())
