@@ -131,6 +131,8 @@ class _Holder:
                 await self.update()
             except _Lost:
                 return
+            except Exception:  # a store hiccup: the next tick tries again, well inside the lease
+                continue
 
     def start_renewing(self) -> None:
         self._renewer = asyncio.ensure_future(self._renew())

@@ -35,6 +35,7 @@ class FakeStore:
         self.write_gates: dict[str, asyncio.Event] = {}  # who -> event awaited before each write
         self.reads: dict[str, asyncio.Event] = {}
         self.writes: list[tuple[str, str, str]] = []
+        self.hiccups: dict[str, int] = {}  # who -> how many of its next replaces fail with an error
         self._n = itertools.count(1)
 
     def key(self, *parts: str) -> str:
@@ -77,6 +78,9 @@ class FakeStore:
 
     async def replace_json(self, key: str, obj: dict, etag: str) -> str | None:
         await self._gate("replace", key)
+        if self.hiccups.get(WHO.get(), 0) > 0:
+            self.hiccups[WHO.get()] -= 1
+            raise ConnectionError("store hiccup")
         if not self.ignores_conditions and (key not in self.objects or self.objects[key][1] != etag):
             return None
         new = self._etag()

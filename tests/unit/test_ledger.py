@@ -220,3 +220,16 @@ async def test_replace_request_resubmits_once_for_an_expired_output():
     assert len(client.posts) == 2 and second.request_id == third.request_id != first.request_id
     entry = store.objects[store.ledger_key(FP)][0]
     assert entry["replaced_request_id"] == first.request_id
+
+
+async def test_a_store_hiccup_while_renewing_does_not_lose_the_lease():
+    store, client = FakeStore(), FakeClient(plan={"A": ["hang"]}, hidden={"A"})
+    task = asyncio.ensure_future(as_run("A", submit(store, client)))
+    await client.posting_event("A").wait()
+    store.hiccups["A"] = 1  # A's next renewal fails; the ones after it must still happen
+    follower = asyncio.ensure_future(as_run("B", submit(store, client)))
+    await asyncio.sleep(LEASE * 4)
+    assert not follower.done(), "B took over a claim whose holder is alive"
+    client.release["A"].set()
+    ja, jb = await asyncio.wait_for(asyncio.gather(task, follower), 10)
+    assert len(client.posts) == 1 and ja.request_id == jb.request_id
