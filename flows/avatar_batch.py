@@ -7,8 +7,18 @@ it, and every later one, is `skipped`); then fan out the rest as child runs of a
 (asyncio; a row that fails fails that row only, recorded with the child's error; each child
 run is named `<batch run name>-line-<n>`). Every API request of
 every child takes a slot of the `rate_limit` global concurrency limit (slot decay) first: the
-account's requests per minute, held across all workers. At the end: a table artifact, and the
-manifest as CSV and JSON beside the videos (`batches/<flow run id>/manifest.csv|json`)."""
+account's requests per minute, held across all workers. At the end: a table artifact, a report
+artifact (a grid of thumbnails, each with its row's status, cost and link), and the manifest as
+CSV and JSON beside the videos (`batches/<flow run id>/manifest.csv|json`).
+
+Where the rows run (`fan_out`): when the batch runs from a deployment, each row is a run of the
+on-demand deployment (`run_deployment`, a child run linked to the batch), so rows spread over
+every worker of the pool and outlive the batch's own worker; an orchestrator failure never fails
+a row, and a row's outcome is read from the archive (avatarflow.fleet). Run here (the CLI, a
+script), rows are in-process subflows. Either way a row without a seed gets one derived from the
+calendar, the day and the line, and each row's outcome is recorded in the bucket: a rerun for the
+same calendar and day finds archived rows there (no child run), and re-made rows resume their
+request through the ledger (nothing is submitted twice)."""
 
 from __future__ import annotations
 
@@ -25,12 +35,14 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     acreate_link_artifact,
+    acreate_markdown_artifact,
     acreate_progress_artifact,
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
 from prefect.runtime import flow_run
 
+from avatarflow import fleet
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
 from avatarflow.inputs import TemplateError
@@ -42,6 +54,9 @@ MANIFEST_COLUMNS = (
     "estimated_cost", "cost", "run_name", "error",
 )
 STATUSES = ("completed", "failed", "skipped")
+FAN_OUT = ("auto", "deployment", "subflow")
+REPORT_COLUMNS = 4
+PRESIGN_S = 7 * 24 * 3600
 DEFAULT_RATE_LIMIT = "avatarflow-api"
 PROGRESS_EVERY_S = 2.0
 
@@ -74,6 +89,66 @@ async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[
         0.0 if script.get("cached", True) else script.get("cost") or 0.0)
     return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
                   cache_hit=out["cache_hit"], estimated_cost=estimate, cost=cost, run_name=run_name)
+
+
+async def _make_remote(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any], run_name: str,
+                       *, store: Any, key: str, deployment: str, logger: Any) -> dict[str, Any]:
+    """One row as a run of the on-demand deployment (a linked child run on any worker of the
+    pool); its outcome from the archive, orchestrator failures retried (avatarflow.fleet)."""
+    async with slots:
+        try:
+            out = await fleet.run_row(
+                store=store, request=row.request.model_dump(mode="json", exclude_none=True), line=row.line,
+                key=key, options={k: v for k, v in opts.items() if v is not None}, run_name=run_name,
+                deployment=deployment, log=logger.info, request_sha=fleet.request_sha(row.request))
+        except Exception as e:  # the archive or the server out of reach past every retry
+            return _entry(row, "failed", estimated_cost=estimate, run_name=run_name,
+                          error=f"not brought home: {type(e).__name__}: {e}")
+    if out["status"] != "completed":
+        return _entry(row, "failed", estimated_cost=estimate, run_name=out.get("run_name"), error=out.get("error"))
+    return _entry(row, "completed", s3_uri=out["s3_uri"], request_id=out["request_id"], seed=out["seed"],
+                  cache_hit=out.get("cache_hit"), estimated_cost=estimate, cost=out.get("cost"),
+                  run_name=out.get("run_name"))
+
+
+async def _make_here(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any], run_name: str,
+                     *, store: Any, key: str, logger: Any) -> dict[str, Any]:
+    """One row as an in-process subflow; a row an earlier run of this calendar and day archived
+    is taken from the archive (no child run); the outcome is recorded for a rerun."""
+    sha = fleet.request_sha(row.request)
+    try:
+        prev = await fleet.previous_outcome(store, key, row.line, sha)
+    except Exception as e:
+        logger.warning("line %d: earlier outcome not read: %s", row.line, e)
+        prev = None
+    if prev:
+        return _entry(row, "completed", s3_uri=prev["s3_uri"], request_id=prev["request_id"], seed=prev["seed"],
+                      cache_hit=True, estimated_cost=estimate, cost=0.0, run_name=prev.get("run_name"))
+    entry = await _make(row, estimate, slots, opts, run_name)
+    try:
+        await fleet.record_outcome(store, key, row.line, entry, sha)
+    except Exception as e:  # the record only saves a rerun some work
+        logger.warning("line %d: outcome not recorded: %s", row.line, e)
+    return entry
+
+
+async def _report(store: Any, entries: list[dict[str, Any]], title: str, logger: Any) -> None:
+    """The report artifact: a grid of thumbnails with each row's status, cost and link."""
+    urls: dict[int, dict[str, str]] = {}
+    for e in entries:
+        fp = fleet.fingerprint_of(e.get("s3_uri"))
+        if e["status"] != "completed" or not fp:
+            continue
+        try:
+            urls[e["line"]] = {"thumbnail": await store.presign(store.thumbnail_key(fp), PRESIGN_S),
+                               "video": await store.presign(store.video_key(fp), PRESIGN_S)}
+        except Exception as ex:
+            logger.warning("line %d: no presigned links: %s", e["line"], ex)
+    try:
+        await acreate_markdown_artifact(key="avatar-batch-report", description=title,
+                                        markdown=fleet.thumbnail_grid(entries, urls, columns=REPORT_COLUMNS, title=title))
+    except Exception as ex:
+        logger.warning("report artifact not created: %s", ex)
 
 
 def manifest_csv(entries: list[dict[str, Any]]) -> str:
@@ -120,6 +195,8 @@ async def avatar_batch(
     backend: str | None = None,
     all_rows: bool = False,
     max_concurrency: int = 32,
+    fan_out: str = "auto",
+    child_deployment: str = fleet.CHILD_DEPLOYMENT,
 ) -> dict[str, Any]:
     """Make the content calendar's rows due `today` (default: today, UTC), each a child run of
     avatar_video.
@@ -131,7 +208,11 @@ async def avatar_batch(
     estimate (speech seconds x price per second) would pass it. `rate_limit`: the Prefect global
     concurrency limit (slot decay) every API request takes a slot of. `all_rows`: every row,
     whatever its publish_date. `max_concurrency`: child runs in flight at once (at 50
-    requests/min and ~100 s a job, about 30 are in flight anyway)."""
+    requests/min and ~100 s a job, about 30 are in flight anyway). `fan_out`: `deployment` (each
+    row a run of `child_deployment` on the work pool), `subflow` (in this process), or `auto`:
+    `deployment` when this batch runs from a deployment."""
+    if fan_out not in FAN_OUT:
+        raise ValueError(f"fan_out={fan_out!r} is not allowed; allowed: {', '.join(FAN_OUT)}")
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
     day = today or datetime.now(timezone.utc).date()
@@ -152,6 +233,10 @@ async def avatar_batch(
         except TemplateError as e:
             row.error, row.request = f"line {row.line}: {e}", None
     valid = [r for r in rows if r.request is not None]
+    key = fleet.batch_key(shown, day, all_rows)
+    for row in valid:  # reproducible: a row made again is the same job (cache, ledger)
+        if row.request.seed is None or row.request.seed == -1:
+            row.request = row.request.model_copy(update={"seed": fleet.row_seed(key, row.line)})
     budget_plan = plan((estimates[r.line] for r in valid), budget)
     go: list[tuple[Row, float]] = []
     entries_by_line: dict[int, dict[str, Any]] = {}
@@ -179,9 +264,19 @@ async def avatar_batch(
             "rate_limit": rate_limit}
 
     batch_name = f"{flow_run.name or 'avatar-batch'}-{str(flow_run.id or 'local')[:8]}"
+    from prefect.runtime import deployment as this_deployment
+
+    mode = fan_out if fan_out != "auto" else ("deployment" if this_deployment.id else "subflow")
+    logger.info("rows as %s", f"runs of the deployment {child_deployment}" if mode == "deployment"
+                else "subflows in this process")
 
     async def one(row: Row, estimate: float) -> dict[str, Any]:
-        entry = await _make(row, estimate, slots, opts, f"{batch_name}-line-{row.line}")
+        name = f"{batch_name}-line-{row.line}"
+        if mode == "deployment":
+            entry = await _make_remote(row, estimate, slots, opts, name, store=store, key=key,
+                                       deployment=child_deployment, logger=logger)
+        else:
+            entry = await _make_here(row, estimate, slots, opts, name, store=store, key=key, logger=logger)
         progress.done += 1
         await progress.step()
         return entry
@@ -203,10 +298,12 @@ async def avatar_batch(
     manifest_json, manifest_csv_uri = store.uri(f"{prefix}/manifest.json"), store.uri(f"{prefix}/manifest.csv")
 
     name = Path(shown.split("?", 1)[0].rstrip("/")).name
+    description = (f"{name} on {day}: {counts['completed']} completed, {counts['failed']} failed, "
+                   f"{counts['skipped']} skipped; spent ${spent:.3f}; manifest {manifest_csv_uri}")
     await acreate_table_artifact(
         table=[{c: e[c] for c in MANIFEST_COLUMNS} for e in entries], key="avatar-batch-rows",
-        description=(f"{name} on {day}: {counts['completed']} completed, {counts['failed']} failed, "
-                     f"{counts['skipped']} skipped; spent ${spent:.3f}; manifest {manifest_csv_uri}"))
+        description=description)
+    await _report(store, entries, description, logger)
     try:
         url = await store.presign(f"{prefix}/manifest.csv")
         await acreate_link_artifact(link=url, link_text=manifest_csv_uri, key="avatar-batch-manifest",

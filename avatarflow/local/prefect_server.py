@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ from avatarflow.local.services import (
     ServiceError,
     _locked,
     _log_tail,
-    _port_free,
     _process,
     _secret,
     _spawn,
@@ -188,7 +188,13 @@ def _recorded_port(current: PrefectServer | None) -> int | None:
         port = int(current.api_url.rsplit(":", 1)[1].split("/", 1)[0])
     except (IndexError, ValueError):
         return None
-    return port if _port_free(port) else None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # as the server binds: SO_REUSEADDR
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (its old connections in TIME_WAIT)
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return None
+    return port
 
 
 def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool = True) -> bool:

@@ -1,0 +1,253 @@
+"""Prefect set-up for avatarflow (what `avatarflow deploy` does), through the Prefect client:
+
+1. the global concurrency limit ``avatarflow-api`` with slot decay: the account's requests per
+   minute, held across every worker (:func:`ensure_concurrency_limit`);
+2. the process work pool ``avatarflow-process`` (:func:`ensure_work_pool`);
+3. the crash detector (:func:`ensure_crash_automation`): an automation that marks a flow run
+   CRASHED when its heartbeats stop (its worker died); the batch then dispatches the row again;
+4. the deployments of deployments/prefect.yaml (``prefect deploy --all``), then read back through
+   the client and checked against the file (entrypoint, work pool, parameters, schedules,
+   triggers): :func:`deploy_all` raises :class:`DeployError` naming what is missing or different.
+
+The Prefect server is the one of PREFECT_API_URL, else the local one of `avatarflow local
+prefect-up` (:func:`api_url`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+WORK_POOL = "avatarflow-process"
+CONCURRENCY_LIMIT = "avatarflow-api"
+REQUESTS_PER_MINUTE = 50
+CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
+MISSED_HEARTBEATS = 3
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
+
+
+class DeployError(RuntimeError):
+    """The Prefect set-up did not come out as asked."""
+
+
+def api_url() -> str:
+    """PREFECT_API_URL, else the running local server of `avatarflow local prefect-up`."""
+    from avatarflow.config import prefect_api_url
+
+    url = prefect_api_url()
+    if url:
+        return url
+    from avatarflow.local.prefect_server import prefect_status
+
+    server, alive = prefect_status()
+    if not alive or server is None:
+        raise DeployError("no Prefect server: set PREFECT_API_URL, or start one with `avatarflow local prefect-up`")
+    return server.api_url
+
+
+def client_settings(url: str) -> dict[Any, str]:
+    """Prefect settings of a client of the server at `url`: the URL and, for the local server
+    (or from PREFECT_API_AUTH_STRING), its auth string."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    from avatarflow.local.prefect_server import client_auth
+
+    auth = client_auth(url)
+    return {PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}
+
+
+def limit_slots(requests_per_minute: int, burst: int | None = None) -> tuple[int, float]:
+    """(limit, slot_decay_per_second) of a global concurrency limit that lets at most
+    `requests_per_minute` requests through in ANY 60 s window.
+
+    A limit with slot decay is a token bucket: `limit` slots taken at once (the burst), freed at
+    `slot_decay_per_second`. A 60 s window can see the burst plus a minute of decay, so the two
+    share the budget: burst + 60 x decay = requests_per_minute (default burst: a fifth of it)."""
+    if requests_per_minute < 1:
+        raise ValueError(f"requests_per_minute={requests_per_minute} is not allowed; allowed: 1 or more")
+    burst = max(1, requests_per_minute // 5) if burst is None else burst
+    if not 1 <= burst <= requests_per_minute:
+        raise ValueError(f"burst={burst} is not allowed; allowed: 1 to {requests_per_minute}")
+    if burst == requests_per_minute:  # all at once, then a minute to refill
+        return burst, requests_per_minute / 60.0
+    return burst, (requests_per_minute - burst) / 60.0
+
+
+async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUTE, burst: int | None = None,
+                                   name: str = CONCURRENCY_LIMIT) -> dict[str, Any]:
+    """Create or update the global concurrency limit `name` with slot decay; read back."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    limit, decay = limit_slots(requests_per_minute, burst)
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+            await client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=limit, slot_decay_per_second=decay, active=True))
+        except ObjectNotFound:
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay, active=True))
+        got = await client.read_global_concurrency_limit_by_name(name)
+    if got.limit != limit or abs((got.slot_decay_per_second or 0) - decay) > 1e-9:
+        raise DeployError(f"concurrency limit {name}: the server has limit={got.limit}, decay="
+                          f"{got.slot_decay_per_second}; asked limit={limit}, decay={decay}")
+    return {"name": got.name, "limit": got.limit, "slot_decay_per_second": got.slot_decay_per_second,
+            "requests_per_minute": requests_per_minute}
+
+
+async def ensure_work_pool(name: str = WORK_POOL) -> bool:
+    """The process work pool; True when it was created now."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    async with get_client() as client:
+        try:
+            await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+            return True
+        except ObjectAlreadyExists:
+            return False
+
+
+def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
+    """Prefect's recipe for runs whose process died: a flow run that sent a heartbeat and then,
+    within `within_s`, neither another heartbeat nor a final state, is set CRASHED."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED, so the "
+                    "avatarflow batch dispatches their rows again.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within_s:.0f} s: its worker is gone")],
+    )
+
+
+async def ensure_crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> str:
+    """Create (or replace) the crash detector; its id."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for old in await client.read_automations_by_name(CRASH_AUTOMATION):
+            await client.delete_automation(old.id)
+        return str(await client.create_automation(crash_automation(within_s)))
+
+
+def _expected(prefect_file: Path) -> list[dict[str, Any]]:
+    import yaml
+
+    return list(yaml.safe_load(prefect_file.read_text()).get("deployments") or [])
+
+
+async def check_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
+    """Read each deployment of `prefect_file` back from the server and compare; their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    problems, names = [], []
+    async with get_client() as client:
+        for want in _expected(prefect_file):
+            flow_name = want["entrypoint"].rsplit(":", 1)[1]
+            full = f"{flow_name}/{want['name']}"
+            try:
+                got = await client.read_deployment_by_name(full)
+            except ObjectNotFound:
+                problems.append(f"{full}: not on the server")
+                continue
+            names.append(full)
+            if got.entrypoint != want["entrypoint"]:
+                problems.append(f"{full}: entrypoint {got.entrypoint!r}, want {want['entrypoint']!r}")
+            pool = (want.get("work_pool") or {}).get("name")
+            if pool and got.work_pool_name != pool:
+                problems.append(f"{full}: work pool {got.work_pool_name!r}, want {pool!r}")
+            for k, v in (want.get("parameters") or {}).items():
+                if (got.parameters or {}).get(k) != v:
+                    problems.append(f"{full}: parameter {k}={(got.parameters or {}).get(k)!r}, want {v!r}")
+            if len(got.schedules or []) != len(want.get("schedules") or []):
+                problems.append(f"{full}: {len(got.schedules or [])} schedules, want {len(want.get('schedules') or [])}")
+            if want.get("triggers"):
+                autos = await client.read_resource_related_automations(f"prefect.deployment.{got.id}")
+                if len(autos) < len(want["triggers"]):
+                    problems.append(f"{full}: {len(autos)} trigger automations, want {len(want['triggers'])}")
+    if problems:
+        raise DeployError("deployments not as prefect.yaml says:\n  " + "\n  ".join(problems))
+    return names
+
+
+async def deploy_all(url: str, prefect_file: Path = PREFECT_FILE) -> list[str]:
+    """`prefect --no-prompt deploy --all` over `prefect_file` from the project root (Prefect's
+    own reading of prefect.yaml: pull steps, triggers, schedules), then every deployment read
+    back and checked through the client; the deployments' names."""
+    import anyio
+
+    env = {**os.environ, **{s.name: v for s, v in client_settings(url).items()}, "COLUMNS": "200"}
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    proc = await anyio.to_thread.run_sync(lambda: subprocess.run(
+        [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600))
+    try:
+        return await check_deployments(prefect_file)
+    except DeployError as e:
+        raise DeployError(f"{e}\nprefect deploy exited {proc.returncode}:\n{proc.stdout[-2000:]}\n"
+                          f"{proc.stderr[-2000:]}") from None
+
+
+async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, burst: int | None = None,
+                register_blocks: Any = None, log: Any = print) -> dict[str, Any]:
+    """Everything `avatarflow deploy` does, in order, against the server at `url`.
+    `register_blocks()`: registers the blocks and returns their names (the CLI passes
+    blocks.register's; the library does not import blocks/)."""
+    from prefect.settings import temporary_settings
+
+    out: dict[str, Any] = {"blocks": []}
+    with temporary_settings(updates=client_settings(url)):
+        if register_blocks is not None:
+            out["blocks"] = list(register_blocks())
+            for name in out["blocks"]:
+                log(f"block       {name}")
+        out["limit"] = await ensure_concurrency_limit(requests_per_minute, burst)
+        lim = out["limit"]
+        log(f"limit       {lim['name']}: {lim['requests_per_minute']}/min in any minute "
+            f"(limit {lim['limit']}, slot decay {lim['slot_decay_per_second']:.3f}/s)")
+        out["work_pool_created"] = await ensure_work_pool()
+        log(f"work pool   {WORK_POOL}{' (created)' if out['work_pool_created'] else ''}")
+        out["crash_automation"] = await ensure_crash_automation()
+        log(f"automation  {CRASH_AUTOMATION}")
+        out["deployments"] = await deploy_all(url)
+        for name in out["deployments"]:
+            log(f"deployment  {name}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:  # `python -m avatarflow.deploy`: no blocks (the CLI's `deploy` registers them)
+    import argparse
+    import asyncio
+
+    ap = argparse.ArgumentParser(description="The concurrency limit, work pool, crash automation and deployments.")
+    ap.add_argument("--requests-per-minute", type=int, default=REQUESTS_PER_MINUTE)
+    ap.add_argument("--burst", type=int, default=None)
+    args = ap.parse_args(argv)
+    asyncio.run(setup(api_url(), requests_per_minute=args.requests_per_minute, burst=args.burst))
+
+
+if __name__ == "__main__":
+    main()

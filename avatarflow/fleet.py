@@ -1,0 +1,293 @@
+"""A batch's rows across a Prefect work pool, and nothing lost when a part dies.
+
+When the batch runs from a deployment, each row is a run of the on-demand deployment
+(`run_deployment`, linked to the batch as a child run), so rows spread over every worker of the
+pool and outlive the batch's own worker. The orchestrator is not the row's truth:
+
+* **The truth is the archive and the ledger.** A child that ended (completed or failed) is
+  looked up in the archive through the fingerprint its link artifact names (``store.cached``:
+  the manifest and a video with the recorded size and sha256): archived is completed, whatever
+  the run's state says; a child that completed without an archived video is dispatched again.
+  The ledger makes every new child of a row resume the row's request instead of posting again;
+  only a failure the ledger records as final (the API's FAILED: ``JobFailed``) or the row's own
+  (its portrait, its fields) ends the row as failed.
+* **Orchestrator failures never fail a row** (a 503, a reset connection, a server restart, a
+  child that never started, a crashed worker): every call to the server is retried with backoff
+  until it answers; a child that crashed, was cancelled, or did not start within
+  ``start_timeout_s`` is dispatched again (a new child, with an idempotency key per attempt).
+  Dispatching again is safe: a row's request carries a seed (rows without one get
+  :func:`row_seed`, derived from the calendar, the day and the line), so a second child makes
+  the same fingerprint: an archived video is a cache hit, a submitted request is resumed by the
+  ledger, and nothing is posted twice.
+* A child that failed on its own (the portrait, the API's FAILED) fails its row, after one more
+  attempt (a failure caused by the orchestrator mid-run looks the same from here).
+* **Reruns pick up where the last run stopped**: each row's outcome is recorded in the bucket
+  under a key of the calendar and the day (:func:`batch_key`); a rerun finds archived rows there
+  (checked against the archive again) and does not dispatch them.
+
+Crashed runs are detected by Prefect itself: flow runs send heartbeats
+(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and an automation (``avatarflow deploy``) marks a run
+whose heartbeats stop as CRASHED (avatarflow.deploy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date
+from typing import Any, TypeVar
+
+from avatarflow.store import Store
+
+T = TypeVar("T")
+CHILD_DEPLOYMENT = "avatar_video/on-demand"
+RETRYABLE = ("CRASHED", "CANCELLED")
+WAITING = ("SCHEDULED", "PENDING", "PAUSED")
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+SEED_SPACE = 1_000_000_000
+# A child that failed with one of these failed for its row's own reason: not dispatched again
+# (JobFailed: the API's FAILED, recorded `failed` in the ledger; a new child would post again).
+FINAL_ERRORS = ("JobFailed", "MediaError", "ContractError", "TemplateError", "BadRequest", "Unauthorized",
+                "Forbidden", "InsufficientCredits", "JobExpired", "ValidationError", "SourceError")
+_FP = re.compile(r"/videos/([0-9a-f]{64})/video\.mp4")
+
+Log = Callable[[str], Any]
+
+
+def batch_key(calendar: str, day: date, all_rows: bool = False) -> str:
+    """The calendar (as shown, no query string) and the day: the key a rerun finds its rows by."""
+    text = json.dumps({"calendar": calendar, "day": day.isoformat(), "all_rows": all_rows}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def row_seed(key: str, line: int) -> int:
+    """The seed of a row that names none: the same on every rerun of the calendar and day, so a
+    row dispatched twice makes one fingerprint (a cache hit, or the ledger's resumed request)."""
+    return int(hashlib.sha256(f"{key}:{line}".encode()).hexdigest()[:12], 16) % SEED_SPACE
+
+
+def request_sha(request: Any) -> str:
+    """A row's request as made (its seed included): a rerun reuses a row's outcome only if the
+    row still asks for the same thing."""
+    data = request.model_dump(mode="json") if hasattr(request, "model_dump") else request
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def row_record_key(store: Store, key: str, line: int) -> str:
+    return store.key("batches", "by-day", key, "rows", f"{line}.json")
+
+
+def fingerprint_of(text: str | None) -> str | None:
+    """The fingerprint in an archived video's URI (``.../videos/<fp>/video.mp4``)."""
+    m = _FP.search(text or "")
+    return m.group(1) if m else None
+
+
+async def archived_entry(store: Store, fingerprint: str) -> dict[str, Any] | None:
+    """What the archive says of a fingerprint (None unless the video is there, intact)."""
+    manifest = await store.cached(fingerprint)
+    if manifest is None:
+        return None
+    return {"status": "completed", "fingerprint": fingerprint, "s3_uri": manifest["video"]["s3_uri"],
+            "request_id": manifest.get("request_id"), "seed": manifest.get("seed"), "cost": manifest.get("cost"),
+            "thumbnail_key": store.thumbnail_key(fingerprint)}
+
+
+async def patient(call: Callable[[], Awaitable[T]], what: str, log: Log, *, deadline_s: float = 1800.0,
+                  first: float = 1.0, cap: float = 15.0, give_up: tuple[type[BaseException], ...] = ()) -> T:
+    """`call()` until it answers: an orchestrator that is down, restarting or answering 5xx is
+    waited for with backoff and jitter, up to `deadline_s` (exceptions in `give_up` are raised
+    at once)."""
+    end = time.monotonic() + deadline_s
+    delay, attempt = first, 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except give_up:
+            raise
+        except Exception as e:
+            if time.monotonic() + delay > end:
+                raise
+            if attempt in (1, 3) or attempt % 10 == 0:
+                log(f"{what}: {type(e).__name__}: {str(e)[:200]}; again in {delay:.0f} s (attempt {attempt})")
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(cap, delay * 2)
+
+
+@dataclass
+class Child:
+    """One row's child runs: the last one's id and state, how many were dispatched."""
+
+    attempts: int = 0
+    failed_attempts: int = 0
+    flow_run_id: str | None = None
+    state: str | None = None
+    message: str | None = None
+
+
+async def _fingerprint_from_artifacts(client: Any, flow_run_id: str) -> str | None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    arts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    for a in arts:
+        fp = fingerprint_of(str(a.data)) or fingerprint_of(str(a.description))
+        if fp:
+            return fp
+    return None
+
+
+async def run_row(
+    *, store: Store, request: dict[str, Any], line: int, key: str, options: dict[str, Any], run_name: str,
+    deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 300.0,
+    poll_s: float = 3.0, max_attempts: int = 8, row_deadline_s: float = 3 * 3600.0, request_sha: str | None = None,
+) -> dict[str, Any]:
+    """One row through the work pool, brought home or failed for a reason of its own.
+
+    Returns {status: completed|failed, fingerprint, s3_uri, request_id, seed, cost, run_name,
+    attempts, error, flow_run_id}; the outcome is also recorded for reruns."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    record_key = row_record_key(store, key, line)
+    record, _ = await patient(lambda: store.read_json(record_key), f"line {line}: row record", log)
+    record = record or {}
+    if record.get("request_sha") != request_sha:  # another row's (the calendar changed): start afresh
+        record = {"request_sha": request_sha}
+    if record.get("fingerprint"):
+        done = await patient(lambda: archived_entry(store, record["fingerprint"]), f"line {line}: archive", log)
+        if done:  # a rerun: archived by an earlier run of this calendar and day
+            return {**done, "cache_hit": True, "cost": 0.0, "run_name": record.get("run_name"), "attempts": 0,
+                    "flow_run_id": record.get("flow_run_id"), "error": None}
+
+    child = Child()
+    started = time.monotonic()
+    outcome: dict[str, Any] | None = None
+    async with get_client() as client:
+        while outcome is None:
+            if child.attempts >= max_attempts or time.monotonic() - started > row_deadline_s:
+                outcome = {"status": "failed", "error": f"not brought home after {child.attempts} child runs "
+                                                        f"(last: {child.state} {child.message or ''})".strip()}
+                break
+            child.attempts += 1
+            name = run_name if child.attempts == 1 else f"{run_name}-retry-{child.attempts - 1}"
+            idem = f"{key}:{line}:{child.attempts}"
+            fr = await patient(lambda: run_deployment(
+                deployment, parameters={"request": request, **options}, timeout=0, as_subflow=True,
+                flow_run_name=name, idempotency_key=idem, client=client), f"line {line}: dispatch", log)
+            child.flow_run_id = str(fr.id)
+            await _record(store, record_key, {**record, "line": line, "flow_run_id": child.flow_run_id,
+                                              "run_name": name, "attempts": child.attempts, "status": "running"}, log)
+            since = time.monotonic()
+            delay = poll_s
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.3, 15.0)
+                try:
+                    run = await patient(lambda: client.read_flow_run(fr.id), f"line {line}: state", log,
+                                        give_up=(ObjectNotFound,))
+                except ObjectNotFound:  # the server lost it (restored from an older state): again
+                    child.state, child.message = "LOST", "the server no longer knows the child run"
+                    break
+                st = run.state
+                child.state = st.type.value if st else None
+                child.message = (st.message or "")[:500] if st else None
+                if child.state == "COMPLETED":
+                    fp = await patient(lambda: _fingerprint_from_artifacts(client, str(fr.id)),
+                                       f"line {line}: artifacts", log)
+                    found = await patient(lambda: archived_entry(store, fp), f"line {line}: archive", log) if fp else None
+                    if found:
+                        outcome = {**found, "cache_hit": None}
+                    else:  # completed, but the archive does not show it: ask again (a cache hit if it is there)
+                        log(f"line {line}: child {name} completed but its video is not in the archive; again")
+                    break
+                if child.state == "FAILED":
+                    child.failed_attempts += 1
+                    fp = await patient(lambda: _fingerprint_from_artifacts(client, str(fr.id)),
+                                       f"line {line}: artifacts", log)
+                    found = await patient(lambda: archived_entry(store, fp), f"line {line}: archive", log) if fp else None
+                    if found:  # archived, then failed (reporting it, say): the archive decides
+                        outcome = {**found, "cache_hit": None}
+                    elif any(t in (child.message or "") for t in FINAL_ERRORS) or child.failed_attempts >= 2:
+                        outcome = {"status": "failed", "error": child.message or "the child run failed"}
+                    else:  # maybe the orchestrator's doing (its API gone mid-run): once more
+                        log(f"line {line}: child {name} failed ({child.message}); once more")
+                    break
+                if child.state in RETRYABLE:
+                    log(f"line {line}: child {name} {child.state} ({child.message}); dispatching again")
+                    break
+                if child.state in WAITING and time.monotonic() - since > start_timeout_s:
+                    log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
+                    await _cancel(client, fr.id, log)
+                    break
+            if outcome is None:
+                await asyncio.sleep(min(30.0, 2.0 * child.attempts) * random.uniform(0.8, 1.2))
+    outcome.update(line=line, run_name=name, attempts=child.attempts, flow_run_id=child.flow_run_id)
+    outcome.setdefault("error", None)
+    await _record(store, record_key, {**record, "request_sha": request_sha, **{k: outcome.get(k) for k in (
+        "line", "status", "fingerprint", "s3_uri", "request_id", "run_name", "attempts", "flow_run_id", "error")}}, log)
+    return outcome
+
+
+async def _cancel(client: Any, flow_run_id: Any, log: Log) -> None:
+    from prefect.states import Cancelled
+
+    try:
+        await client.set_flow_run_state(flow_run_id, Cancelled(message="not started in time; dispatched again"),
+                                        force=True)
+    except Exception as e:  # best effort: a child that starts after all makes the same fingerprint
+        log(f"cancel of {flow_run_id} failed: {e}")
+
+
+async def _record(store: Store, key: str, doc: dict[str, Any], log: Log) -> None:
+    try:
+        await patient(lambda: store.put_json(key, doc), "row record", log, deadline_s=300)
+    except Exception as e:  # the record only saves a rerun some work
+        log(f"row record {key} not written: {e}")
+
+
+async def previous_outcome(store: Store, key: str, line: int, request_sha: str | None) -> dict[str, Any] | None:
+    """A row archived by an earlier run of the same calendar and day, asking for the same thing
+    (checked in the archive)."""
+    record, _ = await store.read_json(row_record_key(store, key, line))
+    if not record or not record.get("fingerprint") or record.get("request_sha") != request_sha:
+        return None
+    found = await archived_entry(store, record["fingerprint"])
+    return {**found, "run_name": record.get("run_name")} if found else None
+
+
+async def record_outcome(store: Store, key: str, line: int, outcome: dict[str, Any], request_sha: str | None) -> None:
+    """Record a row's outcome made in-process (the CLI's subflows), for a rerun."""
+    fp = outcome.get("fingerprint") or fingerprint_of(outcome.get("s3_uri"))
+    await store.put_json(row_record_key(store, key, line), {
+        "line": line, "status": outcome.get("status"), "fingerprint": fp, "s3_uri": outcome.get("s3_uri"),
+        "request_id": outcome.get("request_id"), "run_name": outcome.get("run_name"), "error": outcome.get("error"),
+        "request_sha": request_sha})
+
+
+def thumbnail_grid(entries: list[dict[str, Any]], urls: dict[int, dict[str, str]], *, columns: int = 4,
+                   title: str = "") -> str:
+    """A markdown grid of thumbnails: each cell the row's thumbnail, line, status, cost and link.
+
+    `urls[line]`: {"thumbnail": presigned URL, "video": presigned URL} for archived rows."""
+    def cell(e: dict[str, Any]) -> str:
+        u = urls.get(e["line"], {})
+        img = f"![line {e['line']}]({u['thumbnail']})" if u.get("thumbnail") else "(no video)"
+        cost = "n/a" if e.get("cost") is None else f"${e['cost']:.3f}"
+        link = f"[video]({u['video']})" if u.get("video") else ""
+        mark = {"completed": "✅", "failed": "❌", "skipped": "⏭️"}.get(e.get("status"), "")
+        err = f"<br>{str(e.get('error'))[:80]}" if e.get("error") and e.get("status") != "completed" else ""
+        return f"{img}<br>**line {e['line']}** {mark} {e.get('status')} · {cost} {link}{err}".replace("|", "\\|")
+
+    rows = [entries[i:i + columns] for i in range(0, len(entries), columns)]
+    head = "| " + " | ".join([" "] * columns) + " |\n|" + "---|" * columns + "\n"
+    body = "".join("| " + " | ".join([cell(e) for e in r] + [" "] * (columns - len(r))) + " |\n" for r in rows)
+    return (f"## {title}\n\n" if title else "") + head + body

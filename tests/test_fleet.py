@@ -1,0 +1,132 @@
+"""The fleet on real parts: a Prefect server of its own on PostgreSQL, two process workers, the
+deployments of prefect.yaml (`python -m avatarflow.deploy`: limit, pool, crash automation), the
+real local API and SeaweedFS. A 20-row content calendar runs from its deployment, each row a
+linked child run on the pool; mid-batch a worker is SIGKILLed with the flow runs it started (a
+new one starts) and the Prefect server is restarted. Every row completes, with exactly one job at
+the API per row; the killed children end CRASHED and their rows are dispatched again (a new
+child resumes the row's request through the ledger). A rerun for the same calendar and day dispatches nothing and submits nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import Counter
+
+import psutil
+import pytest
+
+from bench.bench_fleet import DAY, Fleet, calendar_rows, manifest_of, put_calendar, wait_batch, worker_env
+
+ROWS = 20
+SEED0 = 900_000
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, local_api, s3_settings):
+    home = tmp_path_factory.mktemp("fleet")
+    prefix = f"fleet-{uuid.uuid4().hex[:6]}"
+    env = worker_env(dict(os.environ), local_api.base_url, local_api.api_key, s3_settings, prefix, home)
+    for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
+        env.pop(k, None)
+    f = Fleet(home, env)
+    f.prefix = prefix
+    try:
+        f.start_server()
+        f.deploy(600)
+        for _ in range(2):
+            f.start_worker()
+        f.wait_workers(2)
+        yield f
+    finally:
+        f.stop()
+
+
+def _worker_of(fleet: Fleet, run: dict) -> int | None:
+    """The worker (pid) whose flow-run process runs `run` (the process worker's child)."""
+    pid = str(run.get("infrastructure_pid") or "").rsplit(":", 1)[-1]
+    try:
+        parent = psutil.Process(int(pid)).ppid()
+    except (ValueError, psutil.NoSuchProcess):
+        return None
+    return parent if parent in {w.pid for w in fleet.workers} else None
+
+
+def test_rows_outlive_a_killed_worker_and_a_restarted_server(fleet, api, s3, s3_bucket):
+    api.set_faults({"min_processing_time": 15})  # children stay RUNNING long enough to be killed
+    rows = calendar_rows(ROWS, SEED0)
+    calendar = put_calendar(s3, s3_bucket, fleet.prefix, rows)
+    params = {"calendar": calendar, "today": DAY, "max_concurrency": 8}
+    jobs_before = set(api.stats()["jobs"])
+    batch = fleet.create_run("avatar_batch/content-calendar", params)
+
+    # wait until the worker that does not run the batch runs children, then kill it with them
+    deadline, victim = time.time() + 240, None
+    while time.time() < deadline and victim is None:
+        batch_run = fleet.run_state(batch["id"])
+        assert batch_run["state_type"] not in ("FAILED", "CRASHED", "COMPLETED"), batch_run["state"]
+        batch_worker = _worker_of(fleet, batch_run)
+        running = [c for c in fleet.children(batch["id"]) if c["state_type"] == "RUNNING"]
+        others = [w for c in running if (w := _worker_of(fleet, c)) and w != batch_worker]
+        if batch_worker and others:
+            victim = others[0]
+        else:
+            time.sleep(1)
+    assert victim, "no child ran on the other worker"
+    doomed = [c["id"] for c in fleet.children(batch["id"]) if _worker_of(fleet, c) == victim]
+    w = next(w for w in fleet.workers if w.pid == victim)
+    fleet._kill_group(w)
+    fleet.workers.remove(w)
+    fleet.killed.append(victim)
+    fleet.start_worker()
+    fleet.restart_server()
+
+    final = wait_batch(fleet, batch["id"], 900)
+    assert final.get("state_type") == "COMPLETED", final.get("state")
+    manifest = manifest_of(s3, s3_bucket, fleet.prefix, batch["id"])
+    assert manifest["completed"] == ROWS, [r for r in manifest["rows"] if r["status"] != "completed"]
+    assert all(r["s3_uri"] and r["request_id"] for r in manifest["rows"])
+
+    # one job per row at the API (a row's seed names its job)
+    new_jobs = [j for rid, j in api.stats()["jobs"].items() if rid not in jobs_before]
+    per_seed = Counter(j["seed"] for j in new_jobs)
+    assert {r["seed"]: per_seed[r["seed"]] for r in rows} == {r["seed"]: 1 for r in rows}, per_seed
+    assert len(new_jobs) == ROWS
+
+    # the killed children ended CRASHED (by their engine, or by the heartbeat automation) and
+    # their rows were dispatched again (new child runs of the batch)
+    children = fleet.children(batch["id"])
+    states = {c["id"]: c["state_type"] for c in children}
+    assert doomed and all(states[c] == "CRASHED" for c in doomed if states.get(c) != "COMPLETED"), \
+        {c: states.get(c) for c in doomed}
+    assert any(states.get(c) == "CRASHED" for c in doomed), {c: states.get(c) for c in doomed}
+    assert len(children) > ROWS, "the crashed children's rows were dispatched again"
+    assert all(c["parent_task_run_id"] for c in children), "each child is linked to the batch"
+
+    # the report artifact: a grid of thumbnails with status, cost and link per row
+    arts = fleet.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [batch["id"]]}}}).json()
+    report = next(a for a in arts if a["key"] == "avatar-batch-report")["data"]
+    assert report.count("![line") == ROWS and report.count("[video](") == ROWS and "completed" in report
+
+    # a rerun for the same calendar and day: nothing dispatched, nothing submitted
+    jobs_mid = set(api.stats()["jobs"])
+    rerun = fleet.create_run("avatar_batch/content-calendar", params)
+    final = wait_batch(fleet, rerun["id"], 300)
+    assert final.get("state_type") == "COMPLETED", final.get("state")
+    again = manifest_of(s3, s3_bucket, fleet.prefix, rerun["id"])
+    assert again["completed"] == ROWS and all(r["cache_hit"] for r in again["rows"])
+    assert fleet.children(rerun["id"]) == [] and set(api.stats()["jobs"]) == jobs_mid
+    api.reset()
+
+
+def test_row_seeds_are_reproducible_per_calendar_day_and_line():
+    from datetime import date
+
+    from avatarflow.fleet import batch_key, row_seed
+
+    k1 = batch_key("s3://b/cal.csv", date(2026, 12, 1))
+    assert row_seed(k1, 3) == row_seed(batch_key("s3://b/cal.csv", date(2026, 12, 1)), 3)
+    assert row_seed(k1, 3) != row_seed(k1, 4) and row_seed(k1, 3) != row_seed(batch_key("s3://b/cal.csv", date(2026, 12, 2)), 3)
+    assert json.dumps(row_seed(k1, 1)).isdigit()
