@@ -140,7 +140,10 @@ def _origin(url: str) -> tuple[str, str, int]:
     return (u.scheme, (u.host or "").lower(), u.port or (443 if u.scheme == "https" else 80))
 
 
-def _loopback(host: str) -> bool:
+def is_loopback_host(host: str | None) -> bool:
+    """True for 'localhost' and loopback IP literals (no DNS: a name is not resolved)."""
+    if not host:
+        return False
     h = host.strip("[]").lower().rstrip(".")
     if h == "localhost" or h.endswith(".localhost"):
         return True
@@ -155,7 +158,7 @@ def _check_api_url(name: str, url: str, has_key: bool) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{name}={url!r} is not allowed; allowed: an https:// URL (http:// only to a loopback address)")
-    if has_key and parts.scheme == "http" and not _loopback(parts.hostname):
+    if has_key and parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
             f"{name}={url!r}: the API key is not sent over plain http to a non-loopback host; "
             "allowed: https://, or http:// to a loopback address (127.0.0.1, ::1, localhost)")

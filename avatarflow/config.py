@@ -14,7 +14,6 @@ SourcePolicy block's fields are SourceSettings' fields (validated by the same mo
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
+from avatarflow.client import DEFAULT_BASE_URL, SegmindClient, is_loopback_host
 from avatarflow.contract import EXPECTED_DURATION_S
 from avatarflow.errors import AvatarflowError
 
@@ -166,19 +165,6 @@ async def source_fields() -> SourceFields:
 
 
 # ---- loopback --------------------------------------------------------------------------------
-def is_loopback_host(host: str | None) -> bool:
-    """True for 'localhost' and loopback IP literals (no DNS: a name is not resolved)."""
-    if not host:
-        return False
-    h = host.strip("[]").lower().rstrip(".")
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
-
-
 def host_port(url: str | None) -> str | None:
     """'host:port' of an http(s) URL (the scheme's default port when none is given)."""
     if not url:

@@ -244,7 +244,8 @@ def s3_allowed(bucket: str, key: str, policy: SourcePolicy) -> bool:
     return False
 
 
-def _read_s3(ref: str, field: str, policy: SourcePolicy, s3_client: Any, max_bytes: int) -> bytes:
+def s3_target(ref: str, field: str, policy: SourcePolicy) -> tuple[str, str]:
+    """The (bucket, key) of an s3:// source the policy allows; MediaError otherwise."""
     from avatarflow.store import parse_s3_uri
 
     try:
@@ -254,6 +255,11 @@ def _read_s3(ref: str, field: str, policy: SourcePolicy, s3_client: Any, max_byt
     if not s3_allowed(bucket, key, policy):
         raise _fail(field, ref, "s3:// is allowed only inside the archive bucket or an allowed bucket/prefix",
                     policy)
+    return bucket, key
+
+
+def _read_s3(ref: str, field: str, policy: SourcePolicy, s3_client: Any, max_bytes: int) -> bytes:
+    bucket, key = s3_target(ref, field, policy)
     if s3_client is None:
         raise _fail(field, ref, "is an s3:// URI but no S3 client is configured", policy, allowed=None)
     try:
@@ -413,15 +419,7 @@ def check_reference(ref: str, *, field: str, policy: SourcePolicy) -> None:
             raise _fail(field, ref, "data: URIs are not allowed here", policy)
         return
     if scheme == "s3":
-        from avatarflow.store import parse_s3_uri
-
-        try:
-            bucket, key = parse_s3_uri(ref)
-        except ValueError:
-            raise _fail(field, ref, "is not a full S3 URI", policy, allowed="s3://bucket/key") from None
-        if not s3_allowed(bucket, key, policy):
-            raise _fail(field, ref, "s3:// is allowed only inside the archive bucket or an allowed bucket/prefix",
-                        policy)
+        s3_target(ref, field, policy)
         return
     if scheme and scheme != "file":
         raise _fail(field, ref, f"unsupported scheme '{scheme}:'", policy)
