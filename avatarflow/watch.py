@@ -204,7 +204,7 @@ def request_fields(metadata: dict[str, str], sidecar: dict[str, Any] | None) -> 
 def portrait_uploaded_event(s3_uri: str, request: dict[str, Any], version: str) -> Any:
     """The `avatarflow.portrait.uploaded` event of ``avatarflow emit`` (checked against the
     contract), with an id and, when none is given, a seed derived from the object version."""
-    from avatarflow.ops_cli import portrait_uploaded_event as event_of
+    from avatarflow.events import portrait_uploaded_event as event_of
 
     fields = dict(request)
     if fields.get("seed") in (None, "", -1, "-1"):

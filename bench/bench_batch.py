@@ -53,10 +53,10 @@ def main() -> None:
     os.environ.update(start_prefect().client_env())  # PREFECT_API_URL and PREFECT_API_AUTH_STRING
     name = "bench-api-rate"
     try:
-        from avatarflow.ops_cli import ensure_rate_limit
+        from avatarflow.deploy import ensure_concurrency_limit
         from flows.avatar_batch import avatar_batch
 
-        limit = asyncio.run(ensure_rate_limit(args.per_minute, args.burst, name=name))
+        limit = asyncio.run(ensure_concurrency_limit(args.per_minute, args.burst, name=name))
         t = time.perf_counter()
         out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local",
                                        max_concurrency=args.max_concurrency))

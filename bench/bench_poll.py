@@ -58,7 +58,7 @@ CURRENT: contextvars.ContextVar[str] = contextvars.ContextVar("job", default="?"
 def _start_server(workers: int) -> tuple[subprocess.Popen, str]:
     port = free_ports(1)[0]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "avatarflow.cli", "local", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--timing", "vendor", "--workers", str(workers), "--data-dir", tempfile.mkdtemp(prefix="bench-poll-")],
         env={**os.environ, "AVATARFLOW_LOCAL_API_KEY": KEY},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from avatarflow.ops_cli import api_url
+from avatarflow.deploy import api_url
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "avatar_video/on-demand"

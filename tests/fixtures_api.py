@@ -8,7 +8,7 @@ Fixtures:
              the server restarted on its port if an earlier test left it dead)
 
 Helpers for a test that needs a server of its own (other flags: a tiny --retention, a
---rate-limit, start-up faults): ``start_local_api(tmp_path, "--retention", "1")`` and
+--requests-per-minute, start-up faults): ``start_local_api(tmp_path, "--retention", "1")`` and
 ``stop_local_api(server)``; ``env={"AVATARFLOW_LOCAL_ADMIN_KEY": ...}`` gives it an admin key.
 The key goes to the server through the environment, never argv.
 """
@@ -88,7 +88,7 @@ def _spawn(data_dir: Path, port: int, key: str, extra: tuple[str, ...],
            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, IO[bytes]]:
     log = open(data_dir / "server.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "avatarflow.cli", "local", "serve", "--host", "127.0.0.1", "--port", str(port),
          "--data-dir", str(data_dir), *extra],
         cwd=ROOT, env={**os.environ, **(env or {}), "AVATARFLOW_LOCAL_API_KEY": key}, stdout=log, stderr=log,
     )

@@ -7,7 +7,7 @@ as the vendor, the test S3 as the archive).
 Fixtures:
   prefect_server  (session) PrefectServer: api_url, ui_url, auth_string, headers (the server
                   refuses requests without its auth string), client_env()
-  deployed        (session) after `avatarflow deploy` (python -m avatarflow.ops_cli deploy) and
+  deployed        (session) after `avatarflow deploy` (python -m avatarflow.cli deploy) and
                   with a worker running: {"env", "deploy_output", "worker_log", "prefix"}
 """
 
@@ -86,7 +86,7 @@ def deployed(prefect_server, local_api, s3_settings, tmp_path_factory):
     prefix = f"deployments-{os.getpid()}"
     env = pipeline_environment(local_api, s3_settings, prefix, prefect_server, home)
     done = subprocess.run(
-        [sys.executable, "-m", "avatarflow.ops_cli", "deploy", "--rate-limit", str(TEST_RATE_PER_MINUTE)],
+        [sys.executable, "-m", "avatarflow.cli", "deploy", "--requests-per-minute", str(TEST_RATE_PER_MINUTE)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr

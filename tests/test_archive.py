@@ -302,7 +302,7 @@ def test_services_up_status_down_s3_only(tmp_path):
         services.down(home)
 
 
-@pytest.mark.skipif(not services.api_available(), reason="avatarflow/local/cli.py (local API) not written yet")
+@pytest.mark.skipif(not services.api_available(), reason="the local API (avatarflow.cli local serve) is not installed")
 def test_services_up_status_down_with_api(tmp_path):
     home = tmp_path / "home"
     try:

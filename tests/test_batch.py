@@ -20,7 +20,7 @@ from avatarflow.calendar import check_sources, parse_records, parse_row, read_ca
 from avatarflow.inputs import TemplateError
 from avatarflow.media import MediaError
 from avatarflow.sources import SourcePolicy
-from avatarflow.ops_cli import rate_limit_slots, register
+from avatarflow.deploy import limit_slots
 from avatarflow.spec import VideoRequest
 from flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
 
@@ -107,12 +107,12 @@ def test_budget_estimates_from_the_rendered_script_and_stops_at_the_first_job_pa
         plan([1.0], -1)
 
 
-def test_rate_limit_slots_hold_the_rate_in_any_minute():
+def test_limit_slots_hold_the_rate_in_any_minute():
     for per_minute, burst in ((50, None), (50, 50), (300, 30), (5, None)):
-        limit, decay = rate_limit_slots(per_minute, burst)
+        limit, decay = limit_slots(per_minute, burst)
         worst = limit + 60 * decay if limit < per_minute else per_minute
         assert worst == pytest.approx(per_minute), (per_minute, burst)
-    assert rate_limit_slots(50) == (10, pytest.approx(40 / 60))
+    assert limit_slots(50) == (10, pytest.approx(40 / 60))
 
 
 def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
@@ -120,12 +120,12 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
 ):
     from prefect.client.orchestration import get_client
 
-    from avatarflow.ops_cli import ensure_rate_limit
+    from avatarflow.deploy import ensure_concurrency_limit
 
-    limit = asyncio.run(ensure_rate_limit(600, name="test-batch-rate"))
+    limit = asyncio.run(ensure_concurrency_limit(600, name="test-batch-rate"))
     assert limit["limit"] == 120 and limit["slot_decay_per_second"] == pytest.approx(8.0)
     # then a limit that hardly decays, so its taken slots count the API requests made through it
-    limit = asyncio.run(ensure_rate_limit(10_000, burst=9_999, name="test-batch-rate"))
+    limit = asyncio.run(ensure_concurrency_limit(10_000, burst=9_999, name="test-batch-rate"))
     assert limit["slot_decay_per_second"] == pytest.approx(1 / 60)
     out = asyncio.run(avatar_batch(
         calendar=_calendar(tmp_path, portrait_path), today=DAY, budget=1.0, rate_limit="test-batch-rate",
@@ -179,14 +179,15 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
 
 
 def test_batch_command(pipeline_env, tmp_path, portrait_path):
-    """`avatarflow batch` as mounted by register(): a calendar with nothing to make but a bad row."""
-    app, local_app = typer.Typer(), typer.Typer()
-    register(app, local_app)
+    """`avatarflow batch`: a calendar with nothing to make but a bad row (exit 1: a row failed), a
+    bad --today (exit 2: bad input)."""
+    from avatarflow.cli import app
+
     calendar = _write(tmp_path / "bad.csv", [
         {"image": str(portrait_path), "voice_script": "Hi.", "voice": "Nobody (Male)", "publish_date": "2026-11-24"},
         {"image": str(portrait_path), "voice_script": "Not today.", "publish_date": "2026-11-25"},
     ])
-    result = CliRunner().invoke(app, ["batch", calendar, "--today", "2026-11-24", "--json", "--rate-limit", ""])
+    result = CliRunner().invoke(app, ["batch", calendar, "--today", "2026-11-24", "--json", "--concurrency-limit", ""])
     assert result.exit_code == 1, result.output
     out = json.loads(result.stdout)
     assert out["rows"] == 1 and out["failed"] == 1 and "Nobody" in out["entries"][0]["error"]

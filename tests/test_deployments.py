@@ -74,7 +74,8 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     url, log = prefect_server.api_url, deployed["worker_log"]
     AUTH.update(prefect_server.headers)
     out = deployed["deploy_output"]
-    assert "rate limit  avatarflow-api: 600/min" in out and "work pool   avatarflow-process" in out, out
+    assert "limit       avatarflow-api: 600/min" in out and "work pool   avatarflow-process" in out, out
+    assert "deployment  avatar_watch/bucket-watch" in out and "automation  " in out, out
     gcl = _call("GET", f"{url}/v2/concurrency_limits/avatarflow-api").json()
     assert gcl["limit"] + 60 * gcl["slot_decay_per_second"] == 600
     on_demand = _deployment(url, "avatar_video/on-demand")
@@ -96,7 +97,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     key = f"{deployed['prefix']}/uploads/{uuid.uuid4().hex}.jpg"
     s3.put_object(Bucket=s3_bucket, Key=key, Body=portrait_path.read_bytes(), ContentType="image/jpeg")
     sent = subprocess.run(
-        [sys.executable, "-m", "avatarflow.ops_cli", "emit", "portrait-uploaded", f"s3://{s3_bucket}/{key}",
+        [sys.executable, "-m", "avatarflow.cli", "emit", "portrait-uploaded", f"s3://{s3_bucket}/{key}",
          "--voice-script", "A portrait arrived.", "--voice", "Puck (Male)", "--seed", "77"],
         cwd=ROOT, env=deployed["env"], capture_output=True, text=True, timeout=120)
     assert sent.returncode == 0 and "emitted avatarflow.portrait.uploaded" in sent.stdout, sent.stdout + sent.stderr

@@ -303,7 +303,7 @@ def test_safety_filter_blocks_a_blocklisted_word_only_when_enabled(api, image):
 
 # ---- rate limit ---------------------------------------------------------------------------------
 def test_rate_limit_fourth_request_in_a_minute_is_429_with_both_headers(tmp_path):
-    server = start_local_api(tmp_path / "rl", "--rate-limit", "3")
+    server = start_local_api(tmp_path / "rl", "--requests-per-minute", "3")
     try:
         codes = [get(server, f"/v2/requests/{uuid.uuid4()}/status").status_code for _ in range(3)]
         assert codes == [404, 404, 404]
@@ -470,7 +470,7 @@ def test_check_loopback_accepts_loopback(host):
 
 def test_cli_serve_on_0000_exits_non_zero_with_a_message(tmp_path):
     p = subprocess.run(
-        [sys.executable, "-m", "avatarflow.local.cli", "serve", "--host", "0.0.0.0", "--port", "1",
+        [sys.executable, "-m", "avatarflow.cli", "local", "serve", "--host", "0.0.0.0", "--port", "1",
          "--data-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={"PATH": "/usr/bin:/bin", "AVATARFLOW_LOCAL_API_KEY": "k"},

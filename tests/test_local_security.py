@@ -347,10 +347,10 @@ def test_prefect_cors_only_from_its_own_ui(prefect_server):  # noqa: F811
 
 def test_deploy_and_emit_find_the_local_servers_auth_string(prefect_server):  # noqa: F811
     """`avatarflow deploy` and `emit` with neither PREFECT_API_URL nor PREFECT_API_AUTH_STRING set
-    reach the local server of the avatarflow home, auth string included (ops_cli.client_settings)."""
+    reach the local server of the avatarflow home, auth string included (avatarflow.deploy.client_settings)."""
     code = ("import asyncio\nfrom prefect.settings import temporary_settings\n"
             "from prefect.client.orchestration import get_client\n"
-            "from avatarflow.ops_cli import api_url, client_settings\n"
+            "from avatarflow.deploy import api_url, client_settings\n"
             "async def main():\n    async with get_client() as c:\n"
             "        print('pools', len(await c.read_work_pools()))\n"
             "with temporary_settings(client_settings(api_url())):\n    asyncio.run(main())\n")

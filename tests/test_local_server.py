@@ -326,7 +326,7 @@ def test_min_processing_time_pending_history_and_paging(api, image):
 # -- CLI, rate limit, keys ------------------------------------------------------------------------
 
 def test_cli_fault_flags_and_per_key_rate_windows(tmp_path):
-    server = start_local_api(tmp_path, "--rate-limit", "2", "--api-key", "second-key",
+    server = start_local_api(tmp_path, "--requests-per-minute", "2", "--api-key", "second-key",
                              "--fault", "status.504=1", "--fault-count", "1", "--retry-after", "4")
     try:
         other = {"x-api-key": "second-key"}
@@ -350,14 +350,14 @@ def test_cli_fault_flags_and_per_key_rate_windows(tmp_path):
     (["--fail-rate", "2"], "fail_rate=2.0 is not a rate"),
 ])
 def test_cli_refuses_bad_fault_flags(args, says):
-    r = subprocess.run([sys.executable, "-m", "avatarflow.local.cli", "serve", "--api-key", "k", *args],
+    r = subprocess.run([sys.executable, "-m", "avatarflow.cli", "local", "serve", "--api-key", "k", *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and says in r.stderr, r.stderr
 
 
 def test_cli_needs_a_key():
     env = {k: v for k, v in os.environ.items() if k != "AVATARFLOW_LOCAL_API_KEY"}
-    r = subprocess.run([sys.executable, "-m", "avatarflow.local.cli", "serve"],
+    r = subprocess.run([sys.executable, "-m", "avatarflow.cli", "local", "serve"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 2 and "no API key" in r.stderr
 

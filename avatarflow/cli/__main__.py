@@ -1,0 +1,3 @@
+from avatarflow.cli.root import main
+
+main()
