@@ -58,7 +58,7 @@ def main() -> None:
 
         limit = asyncio.run(ensure_concurrency_limit(args.per_minute, args.burst, name=name))
         t = time.perf_counter()
-        out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, rate_limit=name, backend="local",
+        out = asyncio.run(avatar_batch(calendar=str(calendar), all_rows=True, concurrency_limit=name, backend="local",
                                        max_concurrency=args.max_concurrency))
         wall = time.perf_counter() - t
         stats = httpx.get(f"{svcs.api.base_url}/_local/stats", headers={"x-api-key": svcs.api.api_key},

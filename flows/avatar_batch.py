@@ -6,7 +6,7 @@ field, before anything is submitted); decide the budget (the first job whose est
 it, and every later one, is `skipped`); then fan out the rest as child runs of avatar_video
 (asyncio; a row that fails fails that row only, recorded with the child's error; each child
 run is named `<batch run name>-line-<n>`). Every API request of
-every child takes a slot of the `rate_limit` global concurrency limit (slot decay) first: the
+every child takes a slot of the `concurrency_limit` global concurrency limit (slot decay) first: the
 account's requests per minute, held across all workers. At the end: a table artifact, a report
 artifact (a grid of thumbnails, each with its row's status, cost and link), and the manifest as
 CSV and JSON beside the videos (`batches/<flow run id>/manifest.csv|json`).
@@ -57,7 +57,7 @@ STATUSES = ("completed", "failed", "skipped")
 FAN_OUT = ("auto", "deployment", "subflow")
 REPORT_COLUMNS = 4
 PRESIGN_S = 7 * 24 * 3600
-DEFAULT_RATE_LIMIT = "avatarflow-api"
+DEFAULT_CONCURRENCY_LIMIT = "avatarflow-api"
 PROGRESS_EVERY_S = 2.0
 
 
@@ -189,7 +189,7 @@ async def avatar_batch(
     calendar: str,
     today: date | None = None,
     budget: float | None = None,
-    rate_limit: str | None = DEFAULT_RATE_LIMIT,
+    concurrency_limit: str | None = DEFAULT_CONCURRENCY_LIMIT,
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
@@ -205,7 +205,7 @@ async def avatar_batch(
     bucket/prefix), or a local path under the operator's allowed roots (the source policy); a row per video with the API's
     names (`image`, `voice_script` or `audio`, `voice`, `voice_language`, `resolution`, `seed`)
     plus `preset` and `publish_date`. `budget` (USD): stop submitting before the next job's
-    estimate (speech seconds x price per second) would pass it. `rate_limit`: the Prefect global
+    estimate (speech seconds x price per second) would pass it. `concurrency_limit`: the Prefect global
     concurrency limit (slot decay) every API request takes a slot of. `all_rows`: every row,
     whatever its publish_date. `max_concurrency`: child runs in flight at once (at 50
     requests/min and ~100 s a job, about 30 are in flight anyway). `fan_out`: `deployment` (each
@@ -261,7 +261,7 @@ async def avatar_batch(
     progress = _Progress(progress_id, len(go), logger)
     slots = asyncio.Semaphore(max(1, max_concurrency))
     opts = {"credentials_block": credentials_block, "archive_block": archive_block, "backend": backend,
-            "rate_limit": rate_limit}
+            "concurrency_limit": concurrency_limit}
 
     batch_name = f"{flow_run.name or 'avatar-batch'}-{str(flow_run.id or 'local')[:8]}"
     from prefect.runtime import deployment as this_deployment
@@ -291,7 +291,7 @@ async def avatar_batch(
     run_id = str(flow_run.id or f"local-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}")
     prefix = store.key("batches", run_id)
     summary = {"calendar": shown, "day": day.isoformat(), "flow_run_id": run_id, "budget": budget,
-               "estimated": budget_plan.planned, "spent": spent, "rate_limit": rate_limit, **counts}
+               "estimated": budget_plan.planned, "spent": spent, "concurrency_limit": concurrency_limit, **counts}
     await store.put_json(f"{prefix}/manifest.json", {**summary, "columns": list(MANIFEST_COLUMNS), "rows": entries})
     await asyncio.to_thread(store.s3.put_object, Bucket=store.bucket, Key=f"{prefix}/manifest.csv",
                             Body=manifest_csv(entries).encode(), ContentType="text/csv")

@@ -17,10 +17,10 @@ async def avatar_resume(
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
-    rate_limit: str | None = None,
+    concurrency_limit: str | None = None,
     expected_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Poll a known request until it completes and archive it: its ledger entry (or the request
     history) says what it was; the same steps as avatar_video, from the cache look-up on."""
-    async with pipeline_context(credentials_block, archive_block, backend, rate_limit, expected_seconds) as ctx:
+    async with pipeline_context(credentials_block, archive_block, backend, concurrency_limit, expected_seconds) as ctx:
         return await finish_run(lambda c: resume_video(c, request_id, TaskSteps()), ctx, None)

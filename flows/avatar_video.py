@@ -136,7 +136,7 @@ async def _report(result: VideoResult, archived: Archived) -> None:
 
 @asynccontextmanager
 async def pipeline_context(
-    credentials_block: str | None, archive_block: str | None, backend: str | None, rate_limit: str | None,
+    credentials_block: str | None, archive_block: str | None, backend: str | None, concurrency_limit: str | None,
     expected_seconds: float | None = None,
 ) -> AsyncIterator[Context]:
     """The pipeline's context for a flow run: API and archive resolved, the run's logger."""
@@ -147,7 +147,7 @@ async def pipeline_context(
         logger.info("request %s: %s after %.1f s (poll %d)", event.request_id, event.status, event.elapsed_s, event.polls)
         progress.publish(event)
 
-    async with api.client(limiter=_limiter(rate_limit)) as client:
+    async with api.client(limiter=_limiter(concurrency_limit)) as client:
         yield Context(
             client=client, store=store, backend=api.backend,
             ledger=Ledger(store, require_conditional=not config.environment().avatarflow_ledger_single_worker),
@@ -183,13 +183,13 @@ async def avatar_video(
     credentials_block: str | None = None,
     archive_block: str | None = None,
     backend: str | None = None,
-    rate_limit: str | None = None,
+    concurrency_limit: str | None = None,
 ) -> dict[str, Any]:
     """Make one talking-avatar video and archive it in S3; answered from the archive when the
     same portrait, speech, parameters and explicit seed were made before.
 
-    `rate_limit` names a Prefect global concurrency limit with slot decay that every API
+    `concurrency_limit` names a Prefect global concurrency limit with slot decay that every API
     request takes a slot of: the account's request rate, held across all workers."""
     request = await _apply_preset(request)
-    async with pipeline_context(credentials_block, archive_block, backend, rate_limit, request.expected_seconds) as ctx:
+    async with pipeline_context(credentials_block, archive_block, backend, concurrency_limit, request.expected_seconds) as ctx:
         return await finish_run(lambda c: make_video(c, request, TaskSteps()), ctx, request.image)

@@ -128,7 +128,7 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
     limit = asyncio.run(ensure_concurrency_limit(10_000, burst=9_999, name="test-batch-rate"))
     assert limit["slot_decay_per_second"] == pytest.approx(1 / 60)
     out = asyncio.run(avatar_batch(
-        calendar=_calendar(tmp_path, portrait_path), today=DAY, budget=1.0, rate_limit="test-batch-rate",
+        calendar=_calendar(tmp_path, portrait_path), today=DAY, budget=1.0, concurrency_limit="test-batch-rate",
     ))
     by_line = {e["line"]: e for e in out["entries"]}
     assert sorted(by_line) == [2, 3, 4, 5, 6, 8, 9], "row 7 is due tomorrow"

@@ -97,7 +97,7 @@ def test_cli_brief_in_spanish_and_a_calendar_brief_column(api, pipeline_env, por
         w.writeheader()
         w.writerow({"image": str(portrait_path), "brief": "the new {{ 'menu' }}", "target_seconds": "8",
                     "voice_language": "French", "seed": "6", "publish_date": "2026-11-24"})
-    out = asyncio.run(avatar_batch(calendar=str(calendar), today=date(2026, 11, 24), rate_limit=None))
+    out = asyncio.run(avatar_batch(calendar=str(calendar), today=date(2026, 11, 24), concurrency_limit=None))
     assert out["completed"] == 1, out["entries"]
     entry = out["entries"][0]
     assert entry["estimated_cost"] > 0 and entry["s3_uri"].startswith("s3://")

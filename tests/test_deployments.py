@@ -87,7 +87,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     props = schema["definitions"]["VideoRequest"]["properties"]
     assert len(props["voice"]["enum"]) == 30 and "Hindi" in props["voice_language"]["enum"]
     assert props["resolution"]["enum"] == ["720p", "1080p"]
-    assert on_demand["parameters"] == {"rate_limit": "avatarflow-api"}
+    assert on_demand["parameters"] == {"concurrency_limit": "avatarflow-api"}
 
     # 1. a deployment run with parameters through the API
     run = _run(url, on_demand, {"request": {"image": str(portrait_path), "voice_script": "Deployed and running.",
@@ -126,7 +126,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     t = _wait_run(url, triggered[0]["id"], log)
     assert t["parameters"]["request"] == {"image": f"s3://{s3_bucket}/{key}", "voice_script": "A portrait arrived.",
                                           "voice": "Puck (Male)", "seed": 77}
-    assert t["parameters"]["rate_limit"] == "avatarflow-api"
+    assert t["parameters"]["concurrency_limit"] == "avatarflow-api"
     assert any(k.endswith("-summary") for k in _artifacts(url, t["id"]))
 
     b = _wait_run(url, batch_run["id"], log)

@@ -540,8 +540,8 @@ def _event_cases(w: World) -> list[tuple[str, dict, dict, str, str]]:
 def test_event_triggered_parameters(hostile, case):
     _, resource, payload, field_name, rule = next(c for c in _event_cases(hostile) if c[0] == case)
     params = _trigger_parameters(resource, payload)
-    assert set(params) == {"request", "rate_limit"}
-    params["rate_limit"] = None  # no global limit in the test harness
+    assert set(params) == {"request", "concurrency_limit"}
+    params["concurrency_limit"] = None  # no global limit in the test harness
     _expect_rejected(lambda: asyncio.run(avatar_video(**params)), field_name, rule)
 
 
@@ -556,7 +556,7 @@ def test_malformed_event_payloads_never_start_a_run():
 
 # ---- 8. the batch flow: hostile calendars and hostile rows ----------------------------------------------
 def _batch(calendar: str) -> dict:
-    return asyncio.run(avatar_batch(calendar=calendar, today=date(2026, 11, 24), rate_limit=None))
+    return asyncio.run(avatar_batch(calendar=calendar, today=date(2026, 11, 24), concurrency_limit=None))
 
 
 def _calendar_cases(w: World) -> list[tuple[str, str, str]]:
