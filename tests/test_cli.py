@@ -85,3 +85,26 @@ def test_resume_archives_a_request_known_only_by_its_id(api, pipeline_env, portr
     bucket, key = result["manifest_uri"][5:].split("/", 1)
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     assert manifest["request_id"] == rid and manifest["parameters"]["voice_script"] == "Resume me."
+
+
+def test_exit_codes_are_distinct_one_error_handler():
+    """2: bad input, nothing submitted; 1: a job failed at the API or was not brought home."""
+    import typer
+
+    from avatarflow.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, exit_code, guard
+    from avatarflow.config import NotConfigured
+    from avatarflow.contract import ContractError
+    from avatarflow.errors import BadRequest, DeadlineExceeded, JobFailed, ServerError
+
+    assert exit_code(JobFailed("face not found", request_id="r1")) == EXIT_FAILED
+    assert exit_code(DeadlineExceeded("r1", 600, "PROCESSING")) == EXIT_FAILED
+    assert exit_code(ServerError("bad gateway", status_code=502)) == EXIT_FAILED
+    assert exit_code(MediaError("image", "timed out", value="https://x/p.jpg", transient=True)) == EXIT_FAILED
+    assert exit_code(MediaError("image", "is empty (0 bytes)", value="p.jpg")) == EXIT_BAD_INPUT
+    assert exit_code(BadRequest("voice is not allowed")) == EXIT_BAD_INPUT
+    assert exit_code(ContractError("seed=-5 is out of range", ["seed"])) == EXIT_BAD_INPUT
+    assert exit_code(NotConfigured("no key")) == EXIT_BAD_INPUT
+    assert exit_code(KeyError("a bug")) is None  # a bug keeps its traceback
+    with pytest.raises(typer.Exit) as e:
+        guard(lambda: (_ for _ in ()).throw(JobFailed("FAILED at the API")))
+    assert e.value.exit_code == EXIT_FAILED

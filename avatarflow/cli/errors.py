@@ -26,14 +26,17 @@ def exit_code(e: BaseException) -> int | None:
     from avatarflow.errors import APIError, AvatarflowError, BadRequest
     from avatarflow.media import MediaError
 
-    if isinstance(e, MediaError):
+    if isinstance(e, MediaError):  # a source out of reach for now is not bad input
         return EXIT_FAILED if e.transient else EXIT_BAD_INPUT
     if isinstance(e, BadRequest):  # the API refused the request's fields: nothing was made
         return EXIT_BAD_INPUT
-    if isinstance(e, (APIError, AvatarflowError)):
+    if isinstance(e, APIError):
         return EXIT_FAILED
+    # the contract, a template, the safety filter, a setting: refused before any submit
     if isinstance(e, (ContractError, NotConfigured, ValueError, typer.BadParameter)):
         return EXIT_BAD_INPUT
+    if isinstance(e, AvatarflowError):  # deadline, expired request, archive: not brought home
+        return EXIT_FAILED
     if isinstance(e, (RuntimeError, OSError)):  # a service or the archive out of reach
         return EXIT_FAILED
     return None
