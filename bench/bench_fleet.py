@@ -124,7 +124,7 @@ class Fleet:
         n = len(self.workers) + len(self.killed)
         log = open(self.home / f"worker-{n}.log", "ab")
         w = subprocess.Popen(
-            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL,
+            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL, "--type", "process",
              "--name", f"fleet-worker-{n}-{uuid.uuid4().hex[:4]}"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

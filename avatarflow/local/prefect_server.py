@@ -42,7 +42,7 @@ from avatarflow.local.services import (
     resolve_home,
 )
 
-MARKER = "prefect"
+MARKER = "prefect server start"  # in its command line (a bare "prefect" also matches workers: a reused pid)
 STATE_FILE = "prefect.json"
 AUTH_SECRET = "prefect_auth_string"  # its name in secrets.json
 
