@@ -49,6 +49,20 @@ class Environment(BaseSettings):
     prefect_api_url: str | None = None
     # a store that ignores conditional writes is refused unless one worker alone uses it
     avatarflow_ledger_single_worker: bool = False
+    # the blocks a flow parameter may name (the names `avatarflow blocks register` saves)
+    avatarflow_credentials_blocks: str = "avatarflow-api"
+    avatarflow_archive_blocks: str = "avatarflow-archive"
+
+
+def check_block(kind: str, name: str) -> str:
+    """A block named by a flow parameter (untrusted), if the operator allows it: the names in
+    AVATARFLOW_CREDENTIALS_BLOCKS / AVATARFLOW_ARCHIVE_BLOCKS (comma-separated). Choosing
+    another S3Bucket or credentials block would widen what a run may read or where its key goes."""
+    allowed = [n.strip() for n in str(getattr(environment(), f"avatarflow_{kind}_blocks")).split(",") if n.strip()]
+    if name not in allowed:
+        raise NotConfigured(f"{kind}_block={name!r} is not allowed; allowed: {', '.join(allowed) or 'none'} "
+                            f"(the operator's AVATARFLOW_{kind.upper()}_BLOCKS)")
+    return name
 
 
 def environment() -> Environment:

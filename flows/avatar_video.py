@@ -39,23 +39,28 @@ def _run_name() -> str:
 async def resolve(
     credentials_block: str | None, archive_block: str | None, backend: str | None
 ) -> tuple[config.ApiSettings, Store]:
-    """API and archive from named blocks, else from the environment or the local services."""
+    """API and archive from named blocks (only those the operator allows), else from the
+    environment or the local services."""
     if credentials_block:
         from blocks.credentials import SegmindCredentials
 
-        api = (await SegmindCredentials.load(credentials_block)).settings()
+        api = (await SegmindCredentials.load(config.check_block("credentials", credentials_block))).settings()
     else:
         api = config.api_settings(backend)
+    return api, await resolve_store(archive_block)
+
+
+async def resolve_store(archive_block: str | None) -> Store:
+    """The archive: a named S3Bucket block the operator allows, else the environment or the
+    local services."""
     if archive_block:
         from prefect_aws import S3Bucket
 
         from blocks.archive import store_from_block
 
-        store = store_from_block(await S3Bucket.load(archive_block))
-    else:
-        a = config.archive_settings()
-        store = Store(s3=a.s3(), bucket=a.bucket, prefix=a.prefix)
-    return api, store
+        return store_from_block(await S3Bucket.load(config.check_block("archive", archive_block)))
+    a = config.archive_settings()
+    return Store(s3=a.s3(), bucket=a.bucket, prefix=a.prefix)
 
 
 def _limiter(name: str | None) -> Any:

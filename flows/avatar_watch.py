@@ -12,21 +12,16 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
-from avatarflow import config
-from avatarflow.store import Store
-from avatarflow.watch import DEFAULT_PREFIX, FULL_EVERY_S, LEASE_S, SETTLE_S, Watcher, post_event, rejected_event
-
-
-async def archive_store(archive_block: str | None) -> Store:
-    """The archive: a named S3Bucket block, else the environment or the local services."""
-    if archive_block:
-        from prefect_aws import S3Bucket
-
-        from blocks.archive import store_from_block
-
-        return store_from_block(await S3Bucket.load(archive_block))
-    a = config.archive_settings()
-    return Store(s3=a.s3(), bucket=a.bucket, prefix=a.prefix)
+from avatarflow.watch import (
+    DEFAULT_PREFIX,
+    FULL_EVERY_S,
+    LEASE_S,
+    SETTLE_S,
+    Watcher,
+    post_event,
+    rejected_event,
+)
+from flows.avatar_video import resolve_store
 
 
 @flow(name="avatar_watch", flow_run_name="watch-{prefix}", persist_result=False)
@@ -47,7 +42,7 @@ async def avatar_watch(
     also finds names sorting before the cursor. Objects younger than `settle_seconds` wait for
     the next scan (upload the sidecar first)."""
     logger = get_run_logger()
-    store = await archive_store(archive_block)
+    store = await resolve_store(archive_block)
     watcher = Watcher(store, prefix, emit=post_event, lease_s=lease_seconds, settle_s=settle_seconds,
                       full_every_s=full_every_seconds, log=logger.info)
     report = await watcher.scan(full=full_scan)

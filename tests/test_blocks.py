@@ -30,6 +30,13 @@ def test_registered_blocks_drive_the_flow(api, pipeline_env, portrait_path, monk
         monkeypatch.delenv(var)
     request = VideoRequest(image=str(portrait_path), voice_script="Guten Tag.", seed=3, preset="t-deep",
                            expected_seconds=3)
+    # a block a flow parameter names must be one the operator allows
+    with pytest.raises(Exception, match="credentials_block='t-api' is not allowed"):
+        asyncio.run(avatar_video(request=request, credentials_block="t-api", archive_block="t-archive"))
+    monkeypatch.setenv("AVATARFLOW_CREDENTIALS_BLOCKS", "t-api")
+    with pytest.raises(Exception, match="archive_block='t-archive' is not allowed"):
+        asyncio.run(avatar_video(request=request, credentials_block="t-api", archive_block="t-archive"))
+    monkeypatch.setenv("AVATARFLOW_ARCHIVE_BLOCKS", "t-archive")
     out = asyncio.run(avatar_video(request=request, credentials_block="t-api", archive_block="t-archive"))
     assert out["s3_uri"].startswith("s3://")
     import boto3  # noqa: F401  (the archive block hands out the client)
