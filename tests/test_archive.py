@@ -302,7 +302,6 @@ def test_services_up_status_down_s3_only(tmp_path):
         services.down(home)
 
 
-@pytest.mark.skipif(not services.api_available(), reason="the local API (avatarflow.cli local serve) is not installed")
 def test_services_up_status_down_with_api(tmp_path):
     home = tmp_path / "home"
     try:
@@ -351,7 +350,7 @@ def _tiny_mp4() -> bytes:
 
 
 async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
-    media = pytest.importorskip("avatarflow.media")
+    from avatarflow import media
     data = _tiny_mp4()
     key = f"{s3_prefix}/video.mp4"
     stored = await archive.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)

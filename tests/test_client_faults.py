@@ -440,8 +440,14 @@ async def test_history_and_history_list_parse_the_rows(api, client, done_id, ima
 def test_key_never_in_repr_or_any_error(local_api):
     c = SegmindClient(api_key=local_api.api_key, base_url=local_api.base_url)
     assert local_api.api_key not in repr(c) and "***" in repr(c)
-    if not RAISED:
-        pytest.skip("checks the errors the tests above raised: run the whole module")
+    if not RAISED:  # run alone: an error of its own to check (a wrong key's 401)
+        async def wrong_key() -> None:
+            async with SegmindClient(api_key="k-secret-1", base_url=local_api.base_url) as bad:
+                await bad.status("nope")
+
+        with pytest.raises(APIError) as info:
+            asyncio.run(wrong_key())
+        RAISED.append(info.value)
     for e in RAISED:
         for text in (str(e), repr(e), str(getattr(e, "body", ""))):
             assert local_api.api_key not in text, type(e)
