@@ -500,6 +500,47 @@ def delete_if_match(s3, bucket: str, key: str, etag: str) -> bool:
     return True
 
 
+class ObjectUnreadable(ArchiveError):
+    """No such object or bucket, or not readable with these credentials."""
+
+
+class ObjectTooLarge(ArchiveError):
+    def __init__(self, size: int | None, max_bytes: int):
+        super().__init__(f"object larger than {max_bytes} bytes")
+        self.size, self.max_bytes = size, max_bytes
+
+
+def read_bytes(s3, bucket: str, key: str, max_bytes: int) -> bytes:
+    """The object's bytes, read in chunks and refused past ``max_bytes`` (by its length, or while
+    reading). ObjectUnreadable when it cannot be read (no server text), ObjectTooLarge, or
+    ArchiveError for a broken connection (worth a retry)."""
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+    except Exception as exc:  # botocore ClientError and friends
+        code, status = _error_code(exc)
+        if status in (403, 404) or code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied", "403"):
+            raise ObjectUnreadable("no such object, or not readable") from None
+        raise ArchiveError("could not be read from S3") from None
+    length, body = obj.get("ContentLength"), obj["Body"]
+    try:
+        if isinstance(length, int) and length > max_bytes:
+            raise ObjectTooLarge(length, max_bytes)
+        buf = bytearray()
+        while chunk := body.read(_READ_CHUNK):
+            buf += chunk
+            if len(buf) > max_bytes:
+                raise ObjectTooLarge(None, max_bytes)
+        return bytes(buf)
+    except ArchiveError:
+        raise
+    except Exception:
+        raise ArchiveError("could not be read from S3 (connection broken)") from None
+    finally:
+        close = getattr(body, "close", None)
+        if close:
+            close()
+
+
 def presign(s3, bucket: str, key: str, expires: int = 3600) -> str:
     """A presigned GET URL (no credentials needed by whoever holds it) valid ``expires`` s."""
     return s3.generate_presigned_url(

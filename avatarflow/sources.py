@@ -259,37 +259,20 @@ def s3_target(ref: str, field: str, policy: SourcePolicy) -> tuple[str, str]:
 
 
 def _read_s3(ref: str, field: str, policy: SourcePolicy, s3_client: Any, max_bytes: int) -> bytes:
+    from avatarflow import archive
+
     bucket, key = s3_target(ref, field, policy)
     if s3_client is None:
         raise _fail(field, ref, "is an s3:// URI but no S3 client is configured", policy, allowed=None)
     try:
-        obj = s3_client.get_object(Bucket=bucket, Key=key)
-    except Exception as e:  # botocore ClientError and friends: no server text in the message
-        code = str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
-        if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied", "403"):
-            raise _fail(field, ref, "could not be read from S3 (no such object, or not readable)", policy,
-                        allowed=None) from None
-        raise MediaError(field, "could not be read from S3", value=_short(ref), transient=True) from None
-    length = obj.get("ContentLength")
-    body = obj["Body"]
-    try:
-        if isinstance(length, int) and length > max_bytes:
-            raise _too_large(field, ref, length, max_bytes)
-        buf = bytearray()
-        while chunk := body.read(1024 * 1024):
-            buf += chunk
-            if len(buf) > max_bytes:
-                raise _too_large(field, ref, None, max_bytes)
-        return bytes(buf)
-    except MediaError:
-        raise
-    except Exception:
-        raise MediaError(field, "could not be read from S3 (connection broken)", value=_short(ref),
-                         transient=True) from None
-    finally:
-        close = getattr(body, "close", None)
-        if close:
-            close()
+        return archive.read_bytes(s3_client, bucket, key, max_bytes)
+    except archive.ObjectUnreadable:
+        raise _fail(field, ref, "could not be read from S3 (no such object, or not readable)", policy,
+                    allowed=None) from None
+    except archive.ObjectTooLarge as e:
+        raise _too_large(field, ref, e.size, max_bytes) from None
+    except archive.ArchiveError as e:
+        raise MediaError(field, str(e), value=_short(ref), transient=True) from None
 
 
 # ---- local paths ---------------------------------------------------------------------------------
