@@ -14,6 +14,7 @@ prefect-up` (:func:`api_url`)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import subprocess
 import sys
@@ -27,8 +28,8 @@ REQUESTS_PER_MINUTE = 50
 CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
+# prefect.yaml ships in the package (the repository's deployments/ is avatarflow.deployments).
+PREFECT_FILE = Path(str(importlib.resources.files("avatarflow.deployments") / "prefect.yaml"))
 
 
 class DeployError(RuntimeError):
@@ -194,7 +195,7 @@ async def check_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
 
 
 async def deploy_all(url: str, prefect_file: Path = PREFECT_FILE) -> list[str]:
-    """`prefect --no-prompt deploy --all` over `prefect_file` from the project root (Prefect's
+    """`prefect --no-prompt deploy --all` over `prefect_file` (Prefect's
     own reading of prefect.yaml: pull steps, triggers, schedules), then every deployment read
     back and checked through the client; the deployments' names."""
     import anyio
@@ -203,7 +204,7 @@ async def deploy_all(url: str, prefect_file: Path = PREFECT_FILE) -> list[str]:
     prefect = str(Path(sys.executable).with_name("prefect"))
     proc = await anyio.to_thread.run_sync(lambda: subprocess.run(
         [prefect, "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)],
-        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600))
+        env=env, capture_output=True, text=True, timeout=600))
     try:
         return await check_deployments(prefect_file)
     except DeployError as e:

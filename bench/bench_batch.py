@@ -54,7 +54,7 @@ def main() -> None:
     name = "bench-api-rate"
     try:
         from avatarflow.deploy import ensure_concurrency_limit
-        from flows.avatar_batch import avatar_batch
+        from avatarflow.flows.avatar_batch import avatar_batch
 
         limit = asyncio.run(ensure_concurrency_limit(args.per_minute, args.burst, name=name))
         t = time.perf_counter()

@@ -27,7 +27,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from avatarflow.local import services
     from avatarflow.spec import VideoRequest
-    from flows.avatar_video import avatar_video
+    from avatarflow.flows.avatar_video import avatar_video
 
     svcs = services.up()
     calls = lambda: sum(httpx.get(f"{svcs.api.base_url}/_local/stats",  # noqa: E731

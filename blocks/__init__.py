@@ -1,6 +1,6 @@
 """Prefect blocks: configuration only (credentials, archive storage, presets)."""
 
-from blocks.credentials import SegmindCredentials
-from blocks.preset import AvatarPreset
+from avatarflow.blocks.credentials import SegmindCredentials
+from avatarflow.blocks.preset import AvatarPreset
 
 __all__ = ["SegmindCredentials", "AvatarPreset"]

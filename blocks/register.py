@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from avatarflow.config import ApiSettings, ArchiveSettings
-from blocks.archive import s3_bucket_block
-from blocks.credentials import SegmindCredentials
-from blocks.preset import AvatarPreset
-from blocks.source_policy import SourcePolicy
+from avatarflow.blocks.archive import s3_bucket_block
+from avatarflow.blocks.credentials import SegmindCredentials
+from avatarflow.blocks.preset import AvatarPreset
+from avatarflow.blocks.source_policy import SourcePolicy
 
 
 def register_blocks(api: ApiSettings, archive: ArchiveSettings, *, prefix: str = "avatarflow") -> list[str]:

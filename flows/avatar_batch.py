@@ -47,7 +47,7 @@ from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
 from avatarflow.inputs import TemplateError
 from avatarflow.sources import display_source, resolve_policy
-from flows.avatar_video import avatar_video, resolve
+from avatarflow.flows.avatar_video import avatar_video, resolve
 
 MANIFEST_COLUMNS = (
     "line", "image", "publish_date", "status", "s3_uri", "request_id", "seed", "cache_hit",

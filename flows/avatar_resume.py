@@ -7,8 +7,8 @@ from typing import Any
 from prefect import flow
 
 from avatarflow.pipeline import resume_video
-from flows.avatar_video import finish_run, pipeline_context
-from tasks.steps import TaskSteps
+from avatarflow.flows.avatar_video import finish_run, pipeline_context
+from avatarflow.tasks.steps import TaskSteps
 
 
 @flow(name="avatar_resume", flow_run_name="resume-{request_id}", persist_result=False)

@@ -21,7 +21,7 @@ from avatarflow.pipeline import Archived, Context, VideoResult, make_video
 from avatarflow.sources import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
-from tasks.steps import TaskSteps
+from avatarflow.tasks.steps import TaskSteps
 
 
 def _run_name() -> str:
@@ -42,7 +42,7 @@ async def resolve(
     """API and archive from named blocks (only those the operator allows), else from the
     environment or the local services."""
     if credentials_block:
-        from blocks.credentials import SegmindCredentials
+        from avatarflow.blocks.credentials import SegmindCredentials
 
         api = (await SegmindCredentials.load(config.check_block("credentials", credentials_block))).settings()
     else:
@@ -56,7 +56,7 @@ async def resolve_store(archive_block: str | None) -> Store:
     if archive_block:
         from prefect_aws import S3Bucket
 
-        from blocks.archive import store_from_block
+        from avatarflow.blocks.archive import store_from_block
 
         return store_from_block(await S3Bucket.load(config.check_block("archive", archive_block)))
     a = config.archive_settings()
@@ -77,7 +77,7 @@ def _limiter(name: str | None) -> Any:
 async def _apply_preset(request: VideoRequest) -> VideoRequest:
     if not request.preset:
         return request
-    from blocks.preset import AvatarPreset
+    from avatarflow.blocks.preset import AvatarPreset
 
     return request.with_preset((await AvatarPreset.load(request.preset)).look())
 

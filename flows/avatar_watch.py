@@ -21,7 +21,7 @@ from avatarflow.watch import (
     post_event,
     rejected_event,
 )
-from flows.avatar_video import resolve_store
+from avatarflow.flows.avatar_video import resolve_store
 
 
 @flow(name="avatar_watch", flow_run_name="watch-{prefix}", persist_result=False)

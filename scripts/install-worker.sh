@@ -14,4 +14,4 @@ else
   "${pip[@]}" install "$wheel"
 fi
 "${pip[@]}" install --no-deps "mediapipe==0.10.21"
-"$python" -c "import avatarflow.flows.avatar_video, mediapipe"
+"$python" -I -c "import avatarflow.flows.avatar_video, mediapipe"  # -I: not a checkout in the cwd

@@ -8,7 +8,7 @@ from prefect.states import Completed
 
 from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
 from avatarflow.spec import VideoRequest
-from tasks.policy import transient_only
+from avatarflow.tasks.policy import transient_only
 
 
 @task(name="cache-lookup", cache_policy=NO_CACHE)

@@ -5,7 +5,7 @@ from prefect.cache_policies import NO_CACHE
 
 from avatarflow.ledger import Job
 from avatarflow.pipeline import Context, Finished, Plan, Steps
-from tasks.policy import transient_only
+from avatarflow.tasks.policy import transient_only
 
 
 @task(name="poll", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)

@@ -6,7 +6,7 @@ from prefect.cache_policies import NO_CACHE
 from avatarflow.inputs import PortraitInput, prepare_portrait
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
-from tasks.policy import transient_only
+from avatarflow.tasks.policy import transient_only
 
 
 @task(name="portrait", retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only, cache_policy=NO_CACHE)

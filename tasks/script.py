@@ -6,7 +6,7 @@ from prefect.cache_policies import NO_CACHE
 from avatarflow.brief import Script
 from avatarflow.pipeline import Context, Steps
 from avatarflow.spec import VideoRequest
-from tasks.policy import transient_only
+from avatarflow.tasks.policy import transient_only
 
 
 @task(name="script", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)

@@ -9,12 +9,12 @@ from avatarflow.inputs import PortraitInput, SpeechInput
 from avatarflow.ledger import Job
 from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
 from avatarflow.spec import VideoRequest
-from tasks.archive import archive_task, cache_lookup_task
-from tasks.poll import poll_task
-from tasks.portrait import portrait_task
-from tasks.script import script_task
-from tasks.speech import speech_task
-from tasks.submit import submit_task
+from avatarflow.tasks.archive import archive_task, cache_lookup_task
+from avatarflow.tasks.poll import poll_task
+from avatarflow.tasks.portrait import portrait_task
+from avatarflow.tasks.script import script_task
+from avatarflow.tasks.speech import speech_task
+from avatarflow.tasks.submit import submit_task
 
 
 class TaskSteps(Steps):

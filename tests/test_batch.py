@@ -22,7 +22,7 @@ from avatarflow.media import MediaError
 from avatarflow.sources import SourcePolicy
 from avatarflow.deploy import limit_slots
 from avatarflow.spec import VideoRequest
-from flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
+from avatarflow.flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = date(2026, 11, 24)

@@ -9,11 +9,11 @@ import pytest
 from avatarflow import config
 from avatarflow.media import MediaError
 from avatarflow.spec import VideoRequest
-from blocks.credentials import SegmindCredentials
-from blocks.preset import AvatarPreset
-from blocks.register import register_blocks
-from blocks.source_policy import SourcePolicy
-from flows.avatar_video import avatar_video
+from avatarflow.blocks.credentials import SegmindCredentials
+from avatarflow.blocks.preset import AvatarPreset
+from avatarflow.blocks.register import register_blocks
+from avatarflow.blocks.source_policy import SourcePolicy
+from avatarflow.flows.avatar_video import avatar_video
 
 
 def test_registered_blocks_drive_the_flow(api, pipeline_env, portrait_path, monkeypatch):

@@ -15,8 +15,8 @@ from avatarflow import media
 from avatarflow.brief import ScriptRejected
 from avatarflow.cli import app
 from avatarflow.spec import VideoRequest
-from flows.avatar_batch import avatar_batch
-from flows.avatar_video import avatar_video
+from avatarflow.flows.avatar_batch import avatar_batch
+from avatarflow.flows.avatar_video import avatar_video
 
 BRIEF = "announce the spring sale"
 

@@ -16,7 +16,7 @@ from avatarflow.cli import app, cli_roots
 from avatarflow.client import SegmindClient
 from avatarflow.media import MediaError
 from avatarflow.spec import VideoRequest
-from flows.avatar_video import avatar_video
+from avatarflow.flows.avatar_video import avatar_video
 
 runner = CliRunner()
 

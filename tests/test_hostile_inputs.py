@@ -37,8 +37,8 @@ from pydantic import ValidationError
 from avatarflow.client import SegmindClient
 from avatarflow.errors import APIError
 from avatarflow.spec import VideoRequest
-from flows.avatar_batch import avatar_batch
-from flows.avatar_video import avatar_video
+from avatarflow.flows.avatar_batch import avatar_batch
+from avatarflow.flows.avatar_video import avatar_video
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY_BODY = b"canary-secret-body"

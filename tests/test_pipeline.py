@@ -19,7 +19,7 @@ from avatarflow import media
 from avatarflow.errors import JobFailed
 from avatarflow.media import MediaError
 from avatarflow.spec import VideoRequest
-from flows.avatar_video import avatar_video
+from avatarflow.flows.avatar_video import avatar_video
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "Hello from the pipeline test."
@@ -176,7 +176,7 @@ def test_bad_portrait_fails_before_any_submit(api, pipeline_env, tmp_path, portr
 _CHILD = """
 import asyncio, sys
 from avatarflow.spec import VideoRequest
-from flows.avatar_video import avatar_video
+from avatarflow.flows.avatar_video import avatar_video
 asyncio.run(avatar_video(request=VideoRequest(image=sys.argv[1], voice_script=sys.argv[2], seed=int(sys.argv[3]), expected_seconds=3)))
 """
 
@@ -312,7 +312,7 @@ def test_resume_flow_finds_the_ledger_entry_through_the_index(api, pipeline_env,
     from avatarflow import config, pipeline
     from avatarflow.ledger import Ledger
     from avatarflow.store import Store
-    from flows.avatar_resume import avatar_resume
+    from avatarflow.flows.avatar_resume import avatar_resume
 
     class Crash(Exception):
         pass

@@ -513,7 +513,7 @@ def test_a_run_records_predicted_vs_actual_and_teaches_the_shared_model(api, pip
     import json
 
     from avatarflow.spec import VideoRequest
-    from flows.avatar_video import avatar_video
+    from avatarflow.flows.avatar_video import avatar_video
 
     prefix = pipeline_env
     out = asyncio.run(avatar_video(request=VideoRequest(
@@ -541,7 +541,7 @@ def test_a_run_records_predicted_vs_actual_and_teaches_the_shared_model(api, pip
 
 def test_summary_row_shows_predicted_vs_actual():
     from avatarflow.duration import timing_record
-    from flows.avatar_video import _timing_row
+    from avatarflow.flows.avatar_video import _timing_row
 
     pred = DurationModel().predict("720p", Speech(10.0, True))
     record = timing_record(pred, {"queue_time": 2.0, "inference_time": 30.0}, {"polls": 2, "noticed_s": 33.1})

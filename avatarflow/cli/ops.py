@@ -34,7 +34,7 @@ def deploy(
         def register() -> list[str]:
             from avatarflow.config import api_settings, archive_settings
 
-            return importlib.import_module("blocks.register").register_blocks(api_settings(backend), archive_settings())
+            return importlib.import_module("avatarflow.blocks.register").register_blocks(api_settings(backend), archive_settings())
 
     url = guard(api_url)
     guard(lambda: asyncio.run(setup(url, requests_per_minute=requests_per_minute, burst=burst,
@@ -83,7 +83,7 @@ def blocks_register(
     current settings (environment or local services)."""
     from avatarflow.config import api_settings, archive_settings
 
-    register = importlib.import_module("blocks.register").register_blocks
+    register = importlib.import_module("avatarflow.blocks.register").register_blocks
     for name in guard(lambda: register(api_settings(backend), archive_settings(), prefix=prefix)):
         typer.echo(f"saved block {name}")
 

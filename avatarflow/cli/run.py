@@ -23,7 +23,7 @@ DEMO_PORTRAIT = ASSETS / "portrait.jpg"
 
 def load_flow(name: str) -> Any:
     """A flow from flows/ by module name (the library never imports flows/ statically)."""
-    return getattr(importlib.import_module(f"flows.{name}"), name)
+    return getattr(importlib.import_module(f"avatarflow.flows.{name}"), name)
 
 
 def print_services(svcs: Any) -> None:
