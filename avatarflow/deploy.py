@@ -26,6 +26,8 @@ WORK_POOL = "avatarflow-process"
 CONCURRENCY_LIMIT = "avatarflow-api"
 REQUESTS_PER_MINUTE = 50
 CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
+PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
+PENDING_S = 120  # a worker that took a run starts it within seconds
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
 # prefect.yaml ships in the package (the repository's deployments/ is avatarflow.deployments).
@@ -143,6 +145,43 @@ def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
     )
 
 
+def pending_automation(within_s: float = PENDING_S) -> Any:
+    """A flow run a worker took (PENDING) and then did not start within `within_s` (the worker
+    died between the two) goes back to SCHEDULED, for another worker: without it, such a run
+    (a batch, or a row) stays PENDING for ever."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=PENDING_AUTOMATION,
+        description="Flow runs taken by a worker that died before starting them go back to the queue.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.Pending"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.Scheduled", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Cancelling",
+                    "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, force=True,
+                                    message=f"not started {within_s:.0f} s after a worker took it: back in the queue")],
+    )
+
+
+async def ensure_pending_automation(within_s: float = PENDING_S) -> str:
+    """Create (or replace) the requeue of runs stuck in PENDING; its id."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for old in await client.read_automations_by_name(PENDING_AUTOMATION):
+            await client.delete_automation(old.id)
+        return str(await client.create_automation(pending_automation(within_s)))
+
+
 async def ensure_crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> str:
     """Create (or replace) the crash detector; its id."""
     from prefect.client.orchestration import get_client
@@ -233,6 +272,8 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
         log(f"work pool   {WORK_POOL}{' (created)' if out['work_pool_created'] else ''}")
         out["crash_automation"] = await ensure_crash_automation()
         log(f"automation  {CRASH_AUTOMATION}")
+        out["pending_automation"] = await ensure_pending_automation()
+        log(f"automation  {PENDING_AUTOMATION}")
         out["deployments"] = await deploy_all(url)
         for name in out["deployments"]:
             log(f"deployment  {name}")

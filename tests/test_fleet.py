@@ -130,3 +130,35 @@ def test_row_seeds_are_reproducible_per_calendar_day_and_line():
     assert row_seed(k1, 3) == row_seed(batch_key("s3://b/cal.csv", date(2026, 12, 1)), 3)
     assert row_seed(k1, 3) != row_seed(k1, 4) and row_seed(k1, 3) != row_seed(batch_key("s3://b/cal.csv", date(2026, 12, 2)), 3)
     assert json.dumps(row_seed(k1, 1)).isdigit()
+
+
+def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
+    """A worker took a run (PENDING) and died before starting it: the automation of `avatarflow
+    deploy` puts it back to SCHEDULED, and a live worker runs it. Without it the run stays PENDING
+    for ever (the bench's rerun of a batch did)."""
+    import asyncio
+
+    from avatarflow.deploy import ensure_pending_automation
+
+    async def short_window() -> None:  # the test's own window: 20 s instead of 120 s
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: fleet.server.api_url,
+                                         PREFECT_API_AUTH_STRING: fleet.server.auth_string}):
+            await ensure_pending_automation(20)
+
+    asyncio.run(short_window())
+    later = "2099-01-01T00:00:00Z"  # no worker takes it on its own
+    dep = fleet.deployment("avatar_watch/bucket-watch")
+    run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                    json={"parameters": {"prefix": "pending-test/"}, "state": {"type": "SCHEDULED",
+                          "state_details": {"scheduled_time": later}}}).json()
+    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "PENDING"}, "force": True})
+    assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    deadline, state = time.time() + 180, "PENDING"
+    while time.time() < deadline and state == "PENDING":
+        time.sleep(3)
+        state = fleet.run_state(run["id"])["state_type"]
+    assert state != "PENDING", "still PENDING: nothing put it back in the queue"
+    final = wait_batch(fleet, run["id"], 180)
+    assert final["state_type"] == "COMPLETED", final["state"]
