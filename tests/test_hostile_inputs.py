@@ -18,30 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import http.server
 import json
 import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import yaml
+from avatarflow.flows.avatar_batch import avatar_batch
+from avatarflow.flows.avatar_video import avatar_video
 from pydantic import ValidationError
 
 from avatarflow.client import SegmindClient
 from avatarflow.errors import APIError
 from avatarflow.spec import VideoRequest
-from avatarflow.flows.avatar_batch import avatar_batch
-from avatarflow.flows.avatar_video import avatar_video
+from tests.http_recorder import Recorder, redirect_to
 
 ROOT = Path(__file__).resolve().parent.parent
-CANARY_BODY = b"canary-secret-body"
 CANARY_TEXT = b"CANARY-FILE-CONTENT"
 FORBIDDEN_TEXT = ("Errno", "No such file", "Permission denied", "Traceback", "canary-secret", "CANARY-FILE",
                   "internal-secret", "root:x:0:0")
@@ -49,54 +46,6 @@ CASE_TIMEOUT_S = 90
 
 
 # ---- the world: a root with traps, a canary file and a canary server, an allowed test server ----
-class Recorder:
-    """A threading HTTP server on loopback that records every request (path and headers)."""
-
-    def __init__(self, routes: dict[str, Any] | None = None):
-        self.hits: list[dict] = []
-        self.routes = routes or {}
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _any(self):
-                outer.hits.append({"method": self.command, "path": self.path,
-                                   "headers": {k.lower(): v for k, v in self.headers.items()}})
-                route = outer.routes.get(self.path.split("?")[0])
-                if route is None:
-                    self.send_response(200)
-                    self.send_header("content-length", str(len(CANARY_BODY)))
-                    self.end_headers()
-                    self.wfile.write(CANARY_BODY)
-                else:
-                    route(self)
-
-            do_GET = do_POST = _any  # noqa: N815
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_port
-        self.base = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _redirect(target: str, code: int = 302):
-    def route(h):
-        h.send_response(code)
-        h.send_header("location", target)
-        h.send_header("content-length", "0")
-        h.end_headers()
-    return route
-
-
 def _status(code: int, text: bytes):
     def route(h):
         h.send_response(code)
@@ -177,22 +126,22 @@ def world(tmp_path_factory, portrait_bytes):
     canary = Recorder()
     c = canary.port
     origin = Recorder({
-        "/to-canary": _redirect(f"http://127.0.0.1:{c}/secret"),
-        "/to-canary-https": _redirect(f"https://127.0.0.1:{c}/secret"),
-        "/to-localhost": _redirect(f"https://localhost:{c}/secret", 301),
-        "/to-metadata": _redirect("http://169.254.169.254/latest/meta-data/iam/security-credentials/", 307),
-        "/to-metadata-v6": _redirect("https://[fd00:ec2::254]/latest/meta-data/", 308),
-        "/to-10": _redirect("https://10.0.0.1/admin"),
-        "/to-172": _redirect("https://172.16.5.4/"),
-        "/to-192": _redirect("https://192.168.1.1/"),
-        "/to-v6-loopback": _redirect(f"https://[::1]:{c}/"),
-        "/to-decimal": _redirect(f"https://2130706433:{c}/"),
-        "/to-file": _redirect("file:///etc/passwd"),
-        "/to-gopher": _redirect(f"gopher://127.0.0.1:{c}/_GET"),
-        "/chain": _redirect("/chain2"),
-        "/chain2": _redirect("/chain3"),
-        "/chain3": _redirect(f"https://127.0.0.1:{c}/deep"),
-        "/loop": _redirect("/loop"),
+        "/to-canary": redirect_to(f"http://127.0.0.1:{c}/secret"),
+        "/to-canary-https": redirect_to(f"https://127.0.0.1:{c}/secret"),
+        "/to-localhost": redirect_to(f"https://localhost:{c}/secret", 301),
+        "/to-metadata": redirect_to("http://169.254.169.254/latest/meta-data/iam/security-credentials/", 307),
+        "/to-metadata-v6": redirect_to("https://[fd00:ec2::254]/latest/meta-data/", 308),
+        "/to-10": redirect_to("https://10.0.0.1/admin"),
+        "/to-172": redirect_to("https://172.16.5.4/"),
+        "/to-192": redirect_to("https://192.168.1.1/"),
+        "/to-v6-loopback": redirect_to(f"https://[::1]:{c}/"),
+        "/to-decimal": redirect_to(f"https://2130706433:{c}/"),
+        "/to-file": redirect_to("file:///etc/passwd"),
+        "/to-gopher": redirect_to(f"gopher://127.0.0.1:{c}/_GET"),
+        "/chain": redirect_to("/chain2"),
+        "/chain2": redirect_to("/chain3"),
+        "/chain3": redirect_to(f"https://127.0.0.1:{c}/deep"),
+        "/loop": redirect_to("/loop"),
         "/huge": _claims_huge,
         "/endless": _endless,
         "/trickle": _trickle,
@@ -635,10 +584,10 @@ def test_the_key_never_follows_a_redirect_nor_goes_to_another_host(world):
             "request_id": "r1", "model_name": "p-video-avatar", "state": "COMPLETED"}).encode()),
     })
     api = Recorder({
-        "/v2/requests/r1/status": _redirect(f"{target.base}/steal-status", 302),
-        "/v2/requests/r2/status": _redirect(f"http://localhost:{target.port}/steal", 301),
-        "/v2/requests/r3/status": _redirect("/v2/requests/r1/status", 307),  # same origin: still not followed
-        "/v2/p-video-avatar": _redirect(f"{target.base}/steal-submit", 307),
+        "/v2/requests/r1/status": redirect_to(f"{target.base}/steal-status", 302),
+        "/v2/requests/r2/status": redirect_to(f"http://localhost:{target.port}/steal", 301),
+        "/v2/requests/r3/status": redirect_to("/v2/requests/r1/status", 307),  # same origin: still not followed
+        "/v2/p-video-avatar": redirect_to(f"{target.base}/steal-submit", 307),
     })
     key = "sk-" + uuid.uuid4().hex
     errors: list[BaseException] = []

@@ -3,10 +3,8 @@ real loopback HTTP servers that record every hit; the real SeaweedFS for s3://."
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -15,55 +13,10 @@ import pytest
 from avatarflow import netguard, sources
 from avatarflow.media import MediaError
 from avatarflow.sources import SourcePolicy, read_source
+from tests.http_recorder import Recorder, redirect_to
 
 
 # ---- servers ---------------------------------------------------------------------------------
-class Server:
-    """A threading HTTP server on loopback; routes: path -> handler(req); records every hit."""
-
-    def __init__(self, routes=None):
-        self.hits: list[dict] = []
-        self.routes = routes or {}
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                outer.hits.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}})
-                route = outer.routes.get(self.path.split("?")[0])
-                if route is None:
-                    body = b"canary-secret-body"
-                    self.send_response(200)
-                    self.send_header("content-length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                route(self)
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_port
-        self.base = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def redirect_to(target: str, code: int = 302):
-    def route(h):
-        h.send_response(code)
-        h.send_header("location", target)
-        h.send_header("content-length", "0")
-        h.end_headers()
-    return route
-
-
 def body(data: bytes, *, length: bool = True):
     def route(h):
         h.send_response(200)
@@ -94,19 +47,19 @@ def slow(h):
 
 @pytest.fixture
 def canary():
-    s = Server()
+    s = Recorder()
     yield s
     s.close()
 
 
 @pytest.fixture
 def origin():
-    s = Server()
+    s = Recorder()
     yield s
     s.close()
 
 
-def allowing(*servers: Server, **kw) -> SourcePolicy:
+def allowing(*servers: Recorder, **kw) -> SourcePolicy:
     return SourcePolicy(allow_hosts=tuple(f"127.0.0.1:{s.port}" for s in servers), **kw)
 
 
