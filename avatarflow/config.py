@@ -238,7 +238,7 @@ class ArchiveSettings:
     prefix: str = ""
 
     def s3(self) -> Any:
-        from avatarflow.archive import s3_client
+        from avatarflow.s3io import s3_client
 
         return s3_client(self.endpoint_url, self.access_key, self.secret_key, self.region)
 

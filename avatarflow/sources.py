@@ -259,19 +259,19 @@ def s3_target(ref: str, field: str, policy: SourcePolicy) -> tuple[str, str]:
 
 
 def _read_s3(ref: str, field: str, policy: SourcePolicy, s3_client: Any, max_bytes: int) -> bytes:
-    from avatarflow import archive
+    from avatarflow import s3io
 
     bucket, key = s3_target(ref, field, policy)
     if s3_client is None:
         raise _fail(field, ref, "is an s3:// URI but no S3 client is configured", policy, allowed=None)
     try:
-        return archive.read_bytes(s3_client, bucket, key, max_bytes)
-    except archive.ObjectUnreadable:
+        return s3io.read_bytes(s3_client, bucket, key, max_bytes)
+    except s3io.ObjectUnreadable:
         raise _fail(field, ref, "could not be read from S3 (no such object, or not readable)", policy,
                     allowed=None) from None
-    except archive.ObjectTooLarge as e:
+    except s3io.ObjectTooLarge as e:
         raise _too_large(field, ref, e.size, max_bytes) from None
-    except archive.ArchiveError as e:
+    except s3io.ArchiveError as e:
         raise MediaError(field, str(e), value=_short(ref), transient=True) from None
 
 

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from avatarflow import archive
+from avatarflow import s3io
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -59,7 +59,7 @@ class Store:
         return self.key("videos", fingerprint, "video.mp4")
 
     def manifest_key(self, fingerprint: str) -> str:
-        return archive.manifest_key(self.video_key(fingerprint))
+        return s3io.manifest_key(self.video_key(fingerprint))
 
     def thumbnail_key(self, fingerprint: str) -> str:
         return self.key("videos", fingerprint, "thumbnail.jpg")
@@ -68,26 +68,26 @@ class Store:
         return self.key("inputs", f"{sha256}.{ext}")
 
     async def get_json(self, key: str) -> dict | None:
-        return await asyncio.to_thread(archive.get_json, self.s3, self.bucket, key)
+        return await asyncio.to_thread(s3io.get_json, self.s3, self.bucket, key)
 
     async def put_json(self, key: str, obj: dict) -> None:
-        await asyncio.to_thread(archive.put_json, self.s3, self.bucket, key, obj)
+        await asyncio.to_thread(s3io.put_json, self.s3, self.bucket, key, obj)
 
     async def read_json(self, key: str) -> tuple[dict | None, str | None]:
         """The document at `key` and its ETag, for a later `replace_json`; (None, None) if absent."""
-        return await asyncio.to_thread(archive.get_json_versioned, self.s3, self.bucket, key)
+        return await asyncio.to_thread(s3io.get_json_versioned, self.s3, self.bucket, key)
 
     async def create_json(self, key: str, obj: dict) -> str | None:
         """Create `key` only if absent (If-None-Match: *): its ETag, or None if it existed."""
-        return await asyncio.to_thread(archive.put_json_conditional, self.s3, self.bucket, key, obj)
+        return await asyncio.to_thread(s3io.put_json_conditional, self.s3, self.bucket, key, obj)
 
     async def replace_json(self, key: str, obj: dict, etag: str) -> str | None:
         """Replace `key` only if it still has `etag` (If-Match): the new ETag, or None if it changed."""
-        return await asyncio.to_thread(archive.put_json_conditional, self.s3, self.bucket, key, obj, if_match=etag)
+        return await asyncio.to_thread(s3io.put_json_conditional, self.s3, self.bucket, key, obj, if_match=etag)
 
     async def delete_if_match(self, key: str, etag: str) -> bool:
         """Delete `key` only if it still has `etag`."""
-        return await asyncio.to_thread(archive.delete_if_match, self.s3, self.bucket, key, etag)
+        return await asyncio.to_thread(s3io.delete_if_match, self.s3, self.bucket, key, etag)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.s3.delete_object, Bucket=self.bucket, Key=key)
@@ -103,12 +103,12 @@ class Store:
         return await asyncio.to_thread(_read_head, self.s3, self.bucket, key, n)
 
     async def presign(self, key: str, expires: int = 3600) -> str:
-        return await asyncio.to_thread(archive.presign, self.s3, self.bucket, key, expires)
+        return await asyncio.to_thread(s3io.presign, self.s3, self.bucket, key, expires)
 
     async def stage(self, data: bytes, sha256: str, ext: str, content_type: str) -> str:
         """Upload an input once (content-addressed) and return a URL the API can fetch."""
         return await asyncio.to_thread(
-            archive.stage_bytes, self.s3, self.bucket, self.input_key(sha256, ext), data, content_type
+            s3io.stage_bytes, self.s3, self.bucket, self.input_key(sha256, ext), data, content_type
         )
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
@@ -116,16 +116,16 @@ class Store:
 
     async def upload_stream(
         self, chunks: Any, key: str, content_type: str, metadata: dict[str, str]
-    ) -> archive.StoredObject:
+    ) -> s3io.StoredObject:
         """Stream an async byte iterator to `key` (multipart, sha256 on the fly); nothing appears
         at `key` unless the whole stream landed."""
-        return await archive.archive_stream(
+        return await s3io.archive_stream(
             chunks, s3=self.s3, bucket=self.bucket, key=key, content_type=content_type, metadata=metadata
         )
 
-    async def verify(self, stored: archive.StoredObject, probe: Any = None) -> archive.Verification:
+    async def verify(self, stored: s3io.StoredObject, probe: Any = None) -> s3io.Verification:
         """Read back what landed (size, sha256, `probe(path)`); a bad object is deleted."""
-        return await archive.verify_async(self.s3, stored, probe=probe)
+        return await s3io.verify_async(self.s3, stored, probe=probe)
 
     async def cached(self, fingerprint: str) -> dict | None:
         """The manifest of an archived video for this fingerprint, if the video is there too with
@@ -143,7 +143,7 @@ class Store:
         except Exception:
             return None
         video = manifest.get("video", {})
-        sha = (head.get("Metadata") or {}).get(archive.SHA256_META)
+        sha = (head.get("Metadata") or {}).get(s3io.SHA256_META)
         if head.get("ContentLength") != video.get("size") or not sha or sha != video.get("sha256"):
             return None
         return manifest
@@ -176,14 +176,14 @@ def _read_head(s3: Any, bucket: str, key: str, n: int) -> tuple[bytes, dict[str,
     try:
         resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(n, 1) - 1}")
     except ClientError as exc:
-        if archive._is_not_found(exc):
+        if s3io._is_not_found(exc):
             return None
-        if archive._error_code(exc)[1] != 416:  # an empty object has no byte 0
+        if s3io._error_code(exc)[1] != 416:  # an empty object has no byte 0
             raise
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc2:
-            if archive._is_not_found(exc2):
+            if s3io._is_not_found(exc2):
                 return None
             raise
         return b"", info(head, int(head.get("ContentLength") or 0))

@@ -5,7 +5,7 @@
 1. Generates an MP4-like file (an ``ftyp`` box, then random bytes) in a temporary directory.
 2. Serves it from a separate loopback HTTP server process (``http.server``, streamed from disk).
 3. Starts SeaweedFS in a temporary AVATARFLOW_HOME (``avatarflow.local.services.start_s3``).
-4. **streaming**: ``archive.archive_url`` (httpx stream -> multipart upload), then ``verify``.
+4. **streaming**: ``s3io.archive_url`` (httpx stream -> multipart upload), then ``verify``.
 5. **baseline**: reads the whole body into memory first, then uploads it.
 
 For each it prints the peak RSS growth of this process (psutil, sampled every 5 ms in a
@@ -31,8 +31,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from avatarflow import archive
-from avatarflow.archive import MiB
+from avatarflow import s3io
+from avatarflow.s3io import MiB
 from avatarflow.local import services
 
 LIMIT_MB = 64
@@ -125,29 +125,29 @@ async def run(size_mb: int, part_mb: int) -> int:
             bucket = svc.bucket
             async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
                 # warm-up: loads botocore models, thread pool, connection pools
-                warm = await archive.archive_stream(
+                warm = await s3io.archive_stream(
                     _chunks(os.urandom(part + 1)), s3=s3, bucket=bucket, key="bench/warmup.bin", part_size=part
                 )
-                archive.verify(s3, warm)
+                s3io.verify(s3, warm)
 
                 # streaming
                 with PeakRSS() as m:
                     t = time.perf_counter()
-                    stored = await archive.archive_url(
+                    stored = await s3io.archive_url(
                         url, s3=s3, bucket=bucket, key="bench/stream/video.mp4", client=client, part_size=part
                     )
                     stream_s = time.perf_counter() - t
                 assert stored.sha256 == sha and stored.size == size, "streamed object differs from source"
                 with PeakRSS() as mv:
                     t = time.perf_counter()
-                    archive.verify(s3, stored)
+                    s3io.verify(s3, stored)
                     verify_s = time.perf_counter() - t
 
                 # baseline: whole body in memory first, then the same upload
                 with PeakRSS() as b:
                     t = time.perf_counter()
                     body = (await client.get(url)).content
-                    base = await archive.archive_stream(
+                    base = await s3io.archive_stream(
                         _chunks(body, 256 * 1024), s3=s3, bucket=bucket, key="bench/baseline/video.mp4",
                         part_size=part,
                     )

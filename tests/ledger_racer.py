@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 
-from avatarflow.archive import s3_client
+from avatarflow.s3io import s3_client
 from avatarflow.client import SegmindClient
 from avatarflow.contract import AvatarRequest
 from avatarflow.ledger import Ledger

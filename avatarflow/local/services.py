@@ -114,7 +114,7 @@ class S3Service:
 
     def client(self, **kwargs: Any):
         """A boto3 S3 client for this service (path-style, retries, timeouts)."""
-        from avatarflow.archive import s3_client
+        from avatarflow.s3io import s3_client
 
         return s3_client(self.endpoint_url, self.access_key, self.secret_key, self.region, **kwargs)
 
@@ -422,7 +422,7 @@ def weed_path() -> str:
 def _s3_answers(svc: S3Service, timeout: float = 2.0) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from avatarflow.archive import s3_client
+    from avatarflow.s3io import s3_client
 
     client = s3_client(
         svc.endpoint_url, svc.access_key, svc.secret_key, svc.region,

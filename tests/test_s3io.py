@@ -1,4 +1,4 @@
-"""avatarflow.archive and avatarflow.local.services against a real SeaweedFS."""
+"""avatarflow.s3io and avatarflow.local.services against a real SeaweedFS."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import uuid
 import httpx
 import pytest
 
-from avatarflow import archive, store
-from avatarflow.archive import ArchiveError, MiB
+from avatarflow import s3io, store
+from avatarflow.s3io import ArchiveError, MiB
 from avatarflow.local import services
 
 
@@ -30,7 +30,7 @@ def _pending_uploads(s3, bucket: str, key: str) -> list[dict]:
 
 
 def _exists(s3, bucket: str, key: str) -> bool:
-    return archive.object_exists(s3, bucket, key)
+    return s3io.object_exists(s3, bucket, key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def _exists(s3, bucket: str, key: str) -> bool:
 async def test_multipart_stream_roundtrip(s3, s3_bucket, s3_prefix):
     data = os.urandom(20 * MiB + 12345)
     key = f"{s3_prefix}/video.mp4"
-    stored = await archive.archive_stream(
+    stored = await s3io.archive_stream(
         _chunks(data), s3=s3, bucket=s3_bucket, key=key,
         metadata={"fingerprint": "abc123", "Request-Id": "req-1", "voice": "Zoë"},
         part_size=5 * MiB,
@@ -59,14 +59,14 @@ async def test_multipart_stream_roundtrip(s3, s3_bucket, s3_prefix):
     body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == stored.sha256
     assert not _pending_uploads(s3, s3_bucket, key)
-    v = archive.verify(s3, stored)
+    v = s3io.verify(s3, stored)
     assert v.size == len(data) and v.sha256 == stored.sha256
 
 
 async def test_small_stream_single_put(s3, s3_bucket, s3_prefix):
     data = b"\x00\x00\x00\x18ftypmp42" + os.urandom(1000)
     key = f"{s3_prefix}/small.mp4"
-    stored = await archive.archive_stream(
+    stored = await s3io.archive_stream(
         _chunks(data, 100), s3=s3, bucket=s3_bucket, key=key, metadata={"k": "v"}, part_size=5 * MiB
     )
     assert stored.parts == 0
@@ -79,18 +79,18 @@ async def test_small_stream_single_put(s3, s3_bucket, s3_prefix):
 
 async def test_empty_stream(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/empty.bin"
-    stored = await archive.archive_stream(
+    stored = await s3io.archive_stream(
         _chunks(b""), s3=s3, bucket=s3_bucket, key=key, content_type="application/octet-stream"
     )
     assert stored.size == 0 and stored.sha256 == hashlib.sha256(b"").hexdigest()
-    archive.verify(s3, stored)
+    s3io.verify(s3, stored)
 
 
 async def test_error_mid_stream_leaves_nothing(s3, s3_bucket, s3_prefix):
     data = os.urandom(12 * MiB)
     key = f"{s3_prefix}/broken.mp4"
     with pytest.raises(RuntimeError, match="mid-stream"):
-        await archive.archive_stream(
+        await s3io.archive_stream(
             _chunks(data, fail_after=11 * MiB), s3=s3, bucket=s3_bucket, key=key, part_size=5 * MiB
         )
     assert not _exists(s3, s3_bucket, key)
@@ -100,7 +100,7 @@ async def test_error_mid_stream_leaves_nothing(s3, s3_bucket, s3_prefix):
 async def test_short_stream_against_expected_size_leaves_nothing(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/short.mp4"
     with pytest.raises(ArchiveError, match="expected"):
-        await archive.archive_stream(
+        await s3io.archive_stream(
             _chunks(os.urandom(6 * MiB)), s3=s3, bucket=s3_bucket, key=key,
             part_size=5 * MiB, expected_size=7 * MiB,
         )
@@ -119,7 +119,7 @@ async def test_cancelled_stream_aborts_upload(s3, s3_bucket, s3_prefix):
         yield b"never"
 
     task = asyncio.create_task(
-        archive.archive_stream(slow(), s3=s3, bucket=s3_bucket, key=key, part_size=5 * MiB)
+        s3io.archive_stream(slow(), s3=s3, bucket=s3_bucket, key=key, part_size=5 * MiB)
     )
     await asyncio.wait_for(started.wait(), 10)
     await asyncio.sleep(0.2)
@@ -132,7 +132,7 @@ async def test_cancelled_stream_aborts_upload(s3, s3_bucket, s3_prefix):
 
 async def test_part_size_below_s3_minimum_rejected(s3, s3_bucket):
     with pytest.raises(ValueError):
-        await archive.archive_stream(_chunks(b"x"), s3=s3, bucket=s3_bucket, key="x", part_size=MiB)
+        await s3io.archive_stream(_chunks(b"x"), s3=s3, bucket=s3_bucket, key="x", part_size=MiB)
 
 
 async def test_archive_url_streams_http_body(s3, s3_bucket, s3_prefix):
@@ -145,12 +145,12 @@ async def test_archive_url_streams_http_body(s3, s3_bucket, s3_prefix):
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         key = f"{s3_prefix}/from-url.mp4"
-        stored = await archive.archive_url(
+        stored = await s3io.archive_url(
             "http://render.local/out.mp4", s3=s3, bucket=s3_bucket, key=key, client=client, part_size=5 * MiB
         )
         assert stored.sha256 == hashlib.sha256(data).hexdigest() and stored.parts == 2
         with pytest.raises(httpx.HTTPStatusError):
-            await archive.archive_url(
+            await s3io.archive_url(
                 "http://render.local/missing", s3=s3, bucket=s3_bucket, key=f"{s3_prefix}/m.mp4", client=client
             )
         assert not _exists(s3, s3_bucket, f"{s3_prefix}/m.mp4")
@@ -163,9 +163,9 @@ async def test_archive_url_streams_http_body(s3, s3_bucket, s3_prefix):
 async def test_verify_detects_tampered_object(s3, s3_bucket, s3_prefix):
     data = os.urandom(64 * 1024)
     key = f"{s3_prefix}/tampered.mp4"
-    stored = await archive.archive_stream(_chunks(data), s3=s3, bucket=s3_bucket, key=key)
+    stored = await s3io.archive_stream(_chunks(data), s3=s3, bucket=s3_bucket, key=key)
     seen = []
-    result = archive.verify(s3, stored, probe=lambda p: seen.append(p.read_bytes()) or "probed")
+    result = s3io.verify(s3, stored, probe=lambda p: seen.append(p.read_bytes()) or "probed")
     assert result.probe == "probed" and seen == [data]
 
     # same size, other bytes, metadata copied along (a checksum is the only thing to catch it)
@@ -173,28 +173,28 @@ async def test_verify_detects_tampered_object(s3, s3_bucket, s3_prefix):
     tampered[1000] ^= 0xFF
     s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(tampered), Metadata={"sha256": stored.sha256})
     with pytest.raises(ArchiveError, match="sha256"):
-        archive.verify(s3, stored)
+        s3io.verify(s3, stored)
     assert not _exists(s3, s3_bucket, key)
 
 
 async def test_verify_size_mismatch_and_probe_failure(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/size.mp4"
-    stored = await archive.archive_stream(_chunks(b"abc" * 1000), s3=s3, bucket=s3_bucket, key=key)
+    stored = await s3io.archive_stream(_chunks(b"abc" * 1000), s3=s3, bucket=s3_bucket, key=key)
     s3.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
     with pytest.raises(ArchiveError, match="size"):
-        archive.verify(s3, stored)
+        s3io.verify(s3, stored)
     assert not _exists(s3, s3_bucket, key)
 
-    stored = await archive.archive_stream(_chunks(b"not a video"), s3=s3, bucket=s3_bucket, key=key)
+    stored = await s3io.archive_stream(_chunks(b"not a video"), s3=s3, bucket=s3_bucket, key=key)
 
     def probe(path):
         raise ValueError("no video stream")
 
     with pytest.raises(ArchiveError, match="probe"):
-        await archive.verify_async(s3, stored, probe=probe)
+        await s3io.verify_async(s3, stored, probe=probe)
     assert not _exists(s3, s3_bucket, key)
     with pytest.raises(ArchiveError, match="not found"):
-        archive.verify(s3, stored)
+        s3io.verify(s3, stored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ async def test_verify_size_mismatch_and_probe_failure(s3, s3_bucket, s3_prefix):
 def test_presigned_url_and_anonymous_denied(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/portrait.jpg"
     data = b"\xff\xd8\xff" + os.urandom(2048)
-    url = archive.stage_bytes(s3, s3_bucket, key, data, "image/jpeg")
+    url = s3io.stage_bytes(s3, s3_bucket, key, data, "image/jpeg")
     assert "Signature" in url and s3_bucket in url
     r = httpx.get(url, trust_env=False)
     assert r.status_code == 200 and r.content == data
@@ -212,24 +212,24 @@ def test_presigned_url_and_anonymous_denied(s3, s3_bucket, s3_prefix):
     plain = url.split("?", 1)[0]
     anon = httpx.get(plain, trust_env=False)
     assert anon.status_code == 403 and anon.content != data
-    assert archive.presign(s3, s3_bucket, key, expires=60).startswith(plain)
+    assert s3io.presign(s3, s3_bucket, key, expires=60).startswith(plain)
 
 
 def test_json_documents(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/doc.json"
-    assert archive.get_json(s3, s3_bucket, key) is None
-    archive.put_json(s3, s3_bucket, key, {"a": 1, "text": "héllo"})
-    assert archive.get_json(s3, s3_bucket, key) == {"a": 1, "text": "héllo"}
-    archive.put_json(s3, s3_bucket, key, {"a": 2})
-    assert archive.get_json(s3, s3_bucket, key) == {"a": 2}
+    assert s3io.get_json(s3, s3_bucket, key) is None
+    s3io.put_json(s3, s3_bucket, key, {"a": 1, "text": "héllo"})
+    assert s3io.get_json(s3, s3_bucket, key) == {"a": 1, "text": "héllo"}
+    s3io.put_json(s3, s3_bucket, key, {"a": 2})
+    assert s3io.get_json(s3, s3_bucket, key) == {"a": 2}
     assert s3.head_object(Bucket=s3_bucket, Key=key)["ContentType"].startswith("application/json")
 
 
 def test_put_json_if_absent_is_honoured(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/ledger.json"
-    assert archive.put_json_conditional(s3, s3_bucket, key, {"request_id": "first"})
-    assert archive.put_json_conditional(s3, s3_bucket, key, {"request_id": "second"}) is None
-    assert archive.get_json(s3, s3_bucket, key) == {"request_id": "first"}
+    assert s3io.put_json_conditional(s3, s3_bucket, key, {"request_id": "first"})
+    assert s3io.put_json_conditional(s3, s3_bucket, key, {"request_id": "second"}) is None
+    assert s3io.get_json(s3, s3_bucket, key) == {"request_id": "first"}
 
 
 def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
@@ -239,7 +239,7 @@ def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
 
     def worker(i: int) -> None:
         barrier.wait()
-        results[i] = archive.put_json_conditional(s3, s3_bucket, key, {"writer": i}) is not None
+        results[i] = s3io.put_json_conditional(s3, s3_bucket, key, {"writer": i}) is not None
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -248,7 +248,7 @@ def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
         t.join()
     winners = [i for i, ok in results.items() if ok]
     assert len(winners) == 1, results
-    assert archive.get_json(s3, s3_bucket, key) == {"writer": winners[0]}
+    assert s3io.get_json(s3, s3_bucket, key) == {"writer": winners[0]}
 
 
 def test_uri_and_manifest_helpers():
@@ -256,8 +256,8 @@ def test_uri_and_manifest_helpers():
     for bad in ("http://b/k", "s3://b", "s3://b/", "s3:///k"):
         with pytest.raises(ValueError):
             store.parse_s3_uri(bad)
-    assert archive.manifest_key("videos/fp/video.mp4") == "videos/fp/manifest.json"
-    assert archive.manifest_key("video.mp4") == "manifest.json"
+    assert s3io.manifest_key("videos/fp/video.mp4") == "videos/fp/manifest.json"
+    assert s3io.manifest_key("video.mp4") == "manifest.json"
     assert store.s3_uri("b", "k/x") == "s3://b/k/x"
 
 
@@ -353,24 +353,24 @@ async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
     from avatarflow import media
     data = _tiny_mp4()
     key = f"{s3_prefix}/video.mp4"
-    stored = await archive.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)
-    result = await archive.verify_async(s3, stored, probe=media.probe_video)
+    stored = await s3io.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)
+    result = await s3io.verify_async(s3, stored, probe=media.probe_video)
     assert result.probe is not None
-    bad = await archive.archive_stream(_chunks(b"\x00" * 5000), s3=s3, bucket=s3_bucket, key=key)
+    bad = await s3io.archive_stream(_chunks(b"\x00" * 5000), s3=s3, bucket=s3_bucket, key=key)
     with pytest.raises(ArchiveError, match="probe"):
-        archive.verify(s3, bad, probe=media.probe_video)
+        s3io.verify(s3, bad, probe=media.probe_video)
     assert not _exists(s3, s3_bucket, key)
 
 
 def test_replace_only_if_unchanged_and_delete_if_match(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/cas.json"
-    first = archive.put_json_conditional(s3, s3_bucket, key, {"v": 1})
-    doc, etag = archive.get_json_versioned(s3, s3_bucket, key)
+    first = s3io.put_json_conditional(s3, s3_bucket, key, {"v": 1})
+    doc, etag = s3io.get_json_versioned(s3, s3_bucket, key)
     assert doc == {"v": 1} and etag == first
-    second = archive.put_json_conditional(s3, s3_bucket, key, {"v": 2}, if_match=etag)
+    second = s3io.put_json_conditional(s3, s3_bucket, key, {"v": 2}, if_match=etag)
     assert second and second != first
-    assert archive.put_json_conditional(s3, s3_bucket, key, {"v": 3}, if_match=first) is None, "a stale ETag must lose"
-    assert archive.delete_if_match(s3, s3_bucket, key, first) is False
-    assert archive.get_json(s3, s3_bucket, key) == {"v": 2}
-    assert archive.delete_if_match(s3, s3_bucket, key, second) is True
-    assert archive.get_json_versioned(s3, s3_bucket, key) == (None, None)
+    assert s3io.put_json_conditional(s3, s3_bucket, key, {"v": 3}, if_match=first) is None, "a stale ETag must lose"
+    assert s3io.delete_if_match(s3, s3_bucket, key, first) is False
+    assert s3io.get_json(s3, s3_bucket, key) == {"v": 2}
+    assert s3io.delete_if_match(s3, s3_bucket, key, second) is True
+    assert s3io.get_json_versioned(s3, s3_bucket, key) == (None, None)
