@@ -1,5 +1,5 @@
 """Streaming archive into S3: multipart upload from an async byte stream, checksums,
-verification, JSON documents (manifest, ledger) and presigned URLs.
+capped reads and presigned URLs (the read-back check is `avatarflow.verify`).
 
 A pure library: no Prefect. Every function takes a boto3 S3 client (see :func:`s3_client`);
 blocking boto3 calls of the async functions run in a worker thread (``asyncio.to_thread``).
@@ -18,15 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
-import os
-import posixpath
-import tempfile
 import urllib.parse
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from avatarflow.errors import AvatarflowError
@@ -38,7 +33,7 @@ DEFAULT_PART_SIZE = 8 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PARTS = 10_000
 SHA256_META = "sha256"
-_READ_CHUNK = 1 * MiB
+READ_CHUNK = 1 * MiB
 
 
 class ArchiveError(AvatarflowError, RuntimeError):
@@ -55,13 +50,6 @@ class StoredObject:
     s3_uri: str
     content_type: str = "application/octet-stream"
     parts: int = 0  # 0: single PUT; otherwise the multipart part count
-
-
-@dataclass(frozen=True)
-class Verification:
-    size: int
-    sha256: str
-    probe: Any = field(default=None, repr=False)  # what probe(path) returned
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,21 +94,15 @@ def s3_client(
     )
 
 
-def manifest_key(video_key: str) -> str:
-    """The manifest beside a video: ``videos/<fp>/video.mp4`` -> ``videos/<fp>/manifest.json``."""
-    directory = posixpath.dirname(video_key)
-    return posixpath.join(directory, "manifest.json") if directory else "manifest.json"
-
-
-def _error_code(exc: BaseException) -> tuple[str, int]:
+def error_code(exc: BaseException) -> tuple[str, int]:
     response = getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return code, status
 
 
-def _is_not_found(exc: BaseException) -> bool:
-    code, status = _error_code(exc)
+def is_not_found(exc: BaseException) -> bool:
+    code, status = error_code(exc)
     return status == 404 or code in {"NoSuchKey", "404", "NotFound"}
 
 
@@ -317,187 +299,7 @@ async def archive_url(
 
 
 # --------------------------------------------------------------------------------------------
-# verification
-
-
-def _delete_quietly(s3, bucket: str, key: str) -> None:
-    try:
-        s3.delete_object(Bucket=bucket, Key=key)
-    except Exception as exc:
-        log.warning("could not delete bad object s3://%s/%s: %s", bucket, key, exc)
-
-
-def verify(
-    s3,
-    stored: StoredObject,
-    *,
-    probe: Callable[[Path], Any] | None = None,
-    delete_bad: bool = True,
-) -> Verification:
-    """Check what landed: size (HEAD), sha256 (streaming GET, recomputed), and optionally
-    ``probe(path)`` on a downloaded temporary copy (e.g. ``media.probe_video``).
-
-    On any mismatch or probe failure the object is deleted (unless ``delete_bad=False``)
-    and :class:`ArchiveError` is raised.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    where = stored.s3_uri
-
-    def bad(reason: str, cause: BaseException | None = None) -> ArchiveError:
-        if delete_bad:
-            _delete_quietly(s3, stored.bucket, stored.key)
-        err = ArchiveError(f"verification of {where} failed: {reason}")
-        if cause is not None:
-            err.__cause__ = cause
-        return err
-
-    try:
-        head = s3.head_object(Bucket=stored.bucket, Key=stored.key)
-    except ClientError as exc:
-        if _is_not_found(exc):
-            raise ArchiveError(f"verification of {where} failed: object not found") from exc
-        raise ArchiveError(f"verification of {where} failed: {exc}") from exc
-    if int(head["ContentLength"]) != stored.size:
-        raise bad(f"size {head['ContentLength']} != {stored.size}")
-    meta_sha = (head.get("Metadata") or {}).get(SHA256_META)
-    if meta_sha and meta_sha != stored.sha256:
-        raise bad(f"metadata sha256 {meta_sha} != {stored.sha256}")
-
-    digest = hashlib.sha256()
-    size = 0
-    tmp_path: Path | None = None
-    tmp_file = None
-    try:
-        if probe is not None:
-            suffix = posixpath.splitext(stored.key)[1] or ".bin"
-            fd, name = tempfile.mkstemp(prefix="avatarflow-verify-", suffix=suffix)
-            tmp_path = Path(name)
-            tmp_file = os.fdopen(fd, "wb")
-        try:
-            body = s3.get_object(Bucket=stored.bucket, Key=stored.key)["Body"]
-            try:
-                for chunk in body.iter_chunks(_READ_CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    if tmp_file is not None:
-                        tmp_file.write(chunk)
-            finally:
-                body.close()
-        except (ClientError, BotoCoreError) as exc:
-            raise ArchiveError(f"verification of {where} failed: could not read it back: {exc}") from exc
-        if tmp_file is not None:
-            tmp_file.close()
-            tmp_file = None
-        if size != stored.size:
-            raise bad(f"read back {size} bytes, expected {stored.size}")
-        sha = digest.hexdigest()
-        if sha != stored.sha256:
-            raise bad(f"sha256 {sha} != {stored.sha256}")
-        result = None
-        if probe is not None and tmp_path is not None:
-            try:
-                result = probe(tmp_path)
-            except Exception as exc:
-                raise bad(f"probe failed: {exc}", exc) from exc
-        return Verification(size=size, sha256=sha, probe=result)
-    finally:
-        if tmp_file is not None:
-            tmp_file.close()
-        if tmp_path is not None:
-            with contextlib.suppress(OSError):
-                tmp_path.unlink()
-
-
-async def verify_async(s3, stored: StoredObject, *, probe: Callable[[Path], Any] | None = None,
-                       delete_bad: bool = True) -> Verification:
-    """:func:`verify` in a worker thread."""
-    return await asyncio.to_thread(verify, s3, stored, probe=probe, delete_bad=delete_bad)
-
-
-# --------------------------------------------------------------------------------------------
-# JSON documents, staging, presigned URLs
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
-
-
-def put_json(s3, bucket: str, key: str, obj: Any) -> str:
-    """Write ``obj`` as JSON at ``key`` (overwrites); returns the ETag."""
-    resp = s3.put_object(Bucket=bucket, Key=key, Body=_json_bytes(obj),
-                         ContentType="application/json; charset=utf-8")
-    return str(resp.get("ETag", "")).strip('"')
-
-
-def get_json(s3, bucket: str, key: str) -> dict | None:
-    """The JSON document at ``key``, or None if there is none."""
-    from botocore.exceptions import ClientError
-
-    try:
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-    except ClientError as exc:
-        if _is_not_found(exc):
-            return None
-        raise
-    try:
-        return json.loads(body.read())
-    finally:
-        body.close()
-
-
-def _precondition_failed(exc: BaseException) -> bool:
-    code, status = _error_code(exc)
-    return status in (409, 412) or code in {"PreconditionFailed", "ConditionalRequestConflict"}
-
-
-def get_json_versioned(s3, bucket: str, key: str) -> tuple[dict | None, str | None]:
-    """The JSON document at ``key`` and its ETag, or ``(None, None)`` if there is none."""
-    from botocore.exceptions import ClientError
-
-    try:
-        resp = s3.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if _is_not_found(exc):
-            return None, None
-        raise
-    body = resp["Body"]
-    try:
-        return json.loads(body.read()), str(resp.get("ETag", "")).strip('"')
-    finally:
-        body.close()
-
-
-def put_json_conditional(s3, bucket: str, key: str, obj: Any, *, if_match: str | None = None) -> str | None:
-    """Write ``obj`` only if ``key`` is absent (``if_match=None``: ``If-None-Match: *``) or still
-    has the ETag ``if_match``. The new ETag, or None when the condition failed (HTTP 412, or
-    409 ConditionalRequestConflict when a concurrent conditional write won on AWS)."""
-    from botocore.exceptions import ClientError
-
-    condition = {"IfMatch": f'"{if_match}"'} if if_match else {"IfNoneMatch": "*"}
-    try:
-        resp = s3.put_object(Bucket=bucket, Key=key, Body=_json_bytes(obj),
-                             ContentType="application/json; charset=utf-8", **condition)
-    except ClientError as exc:
-        if _precondition_failed(exc):
-            return None
-        raise
-    return str(resp.get("ETag", "")).strip('"')
-
-
-def delete_if_match(s3, bucket: str, key: str, etag: str) -> bool:
-    """Delete ``key`` only if it still has the ETag ``etag``; False when it changed."""
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.delete_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-    except ClientError as exc:
-        if _precondition_failed(exc):
-            return False
-        if _is_not_found(exc):
-            return False
-        raise
-    return True
+# capped reads, staging, presigned URLs
 
 
 class ObjectUnreadable(ArchiveError):
@@ -517,7 +319,7 @@ def read_bytes(s3, bucket: str, key: str, max_bytes: int) -> bytes:
     try:
         obj = s3.get_object(Bucket=bucket, Key=key)
     except Exception as exc:  # botocore ClientError and friends
-        code, status = _error_code(exc)
+        code, status = error_code(exc)
         if status in (403, 404) or code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket", "AccessDenied", "403"):
             raise ObjectUnreadable("no such object, or not readable") from None
         raise ArchiveError("could not be read from S3") from None
@@ -526,7 +328,7 @@ def read_bytes(s3, bucket: str, key: str, max_bytes: int) -> bytes:
         if isinstance(length, int) and length > max_bytes:
             raise ObjectTooLarge(length, max_bytes)
         buf = bytearray()
-        while chunk := body.read(_READ_CHUNK):
+        while chunk := body.read(READ_CHUNK):
             buf += chunk
             if len(buf) > max_bytes:
                 raise ObjectTooLarge(None, max_bytes)
@@ -554,15 +356,3 @@ def stage_bytes(s3, bucket: str, key: str, data: bytes, content_type: str,
     s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type,
                   Metadata={**_clean_metadata(metadata), SHA256_META: hashlib.sha256(data).hexdigest()})
     return presign(s3, bucket, key, expires)
-
-
-def object_exists(s3, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as exc:
-        if _is_not_found(exc):
-            return False
-        raise

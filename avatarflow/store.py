@@ -6,13 +6,14 @@ Everything another machine needs to resume or reuse a job lives here, not in pro
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import urllib.parse
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from avatarflow import s3io
+from avatarflow import s3io, verify
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -59,7 +60,7 @@ class Store:
         return self.key("videos", fingerprint, "video.mp4")
 
     def manifest_key(self, fingerprint: str) -> str:
-        return s3io.manifest_key(self.video_key(fingerprint))
+        return self.key("videos", fingerprint, "manifest.json")
 
     def thumbnail_key(self, fingerprint: str) -> str:
         return self.key("videos", fingerprint, "thumbnail.jpg")
@@ -68,26 +69,27 @@ class Store:
         return self.key("inputs", f"{sha256}.{ext}")
 
     async def get_json(self, key: str) -> dict | None:
-        return await asyncio.to_thread(s3io.get_json, self.s3, self.bucket, key)
+        return (await self.read_json(key))[0]
 
     async def put_json(self, key: str, obj: dict) -> None:
-        await asyncio.to_thread(s3io.put_json, self.s3, self.bucket, key, obj)
+        """Write `key` whatever is there (for documents only this run writes: manifests, records)."""
+        await asyncio.to_thread(_put_json, self.s3, self.bucket, key, obj, {})
 
     async def read_json(self, key: str) -> tuple[dict | None, str | None]:
         """The document at `key` and its ETag, for a later `replace_json`; (None, None) if absent."""
-        return await asyncio.to_thread(s3io.get_json_versioned, self.s3, self.bucket, key)
+        return await asyncio.to_thread(_read_json, self.s3, self.bucket, key)
 
     async def create_json(self, key: str, obj: dict) -> str | None:
         """Create `key` only if absent (If-None-Match: *): its ETag, or None if it existed."""
-        return await asyncio.to_thread(s3io.put_json_conditional, self.s3, self.bucket, key, obj)
+        return await asyncio.to_thread(_put_json, self.s3, self.bucket, key, obj, {"IfNoneMatch": "*"})
 
     async def replace_json(self, key: str, obj: dict, etag: str) -> str | None:
         """Replace `key` only if it still has `etag` (If-Match): the new ETag, or None if it changed."""
-        return await asyncio.to_thread(s3io.put_json_conditional, self.s3, self.bucket, key, obj, if_match=etag)
+        return await asyncio.to_thread(_put_json, self.s3, self.bucket, key, obj, {"IfMatch": f'"{etag}"'})
 
     async def delete_if_match(self, key: str, etag: str) -> bool:
-        """Delete `key` only if it still has `etag`."""
-        return await asyncio.to_thread(s3io.delete_if_match, self.s3, self.bucket, key, etag)
+        """Delete `key` only if it still has `etag`; False when it changed or is gone."""
+        return await asyncio.to_thread(_delete_if_match, self.s3, self.bucket, key, etag)
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self.s3.delete_object, Bucket=self.bucket, Key=key)
@@ -123,9 +125,9 @@ class Store:
             chunks, s3=self.s3, bucket=self.bucket, key=key, content_type=content_type, metadata=metadata
         )
 
-    async def verify(self, stored: s3io.StoredObject, probe: Any = None) -> s3io.Verification:
+    async def verify(self, stored: s3io.StoredObject, probe: Any = None) -> verify.Verification:
         """Read back what landed (size, sha256, `probe(path)`); a bad object is deleted."""
-        return await s3io.verify_async(self.s3, stored, probe=probe)
+        return await verify.verify_async(self.s3, stored, probe=probe)
 
     async def cached(self, fingerprint: str) -> dict | None:
         """The manifest of an archived video for this fingerprint, if the video is there too with
@@ -147,6 +149,55 @@ class Store:
         if head.get("ContentLength") != video.get("size") or not sha or sha != video.get("sha256"):
             return None
         return manifest
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """HTTP 412, or 409 ConditionalRequestConflict when a concurrent conditional write won on AWS."""
+    code, status = s3io.error_code(exc)
+    return status in (409, 412) or code in {"PreconditionFailed", "ConditionalRequestConflict"}
+
+
+def _read_json(s3: Any, bucket: str, key: str) -> tuple[dict | None, str | None]:
+    from botocore.exceptions import ClientError
+
+    try:
+        resp = s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if s3io.is_not_found(exc):
+            return None, None
+        raise
+    body = resp["Body"]
+    try:
+        return json.loads(body.read()), str(resp.get("ETag", "")).strip('"')
+    finally:
+        body.close()
+
+
+def _put_json(s3: Any, bucket: str, key: str, obj: Any, condition: dict[str, str]) -> str | None:
+    """The new ETag, or None when `condition` (IfNoneMatch / IfMatch) failed."""
+    from botocore.exceptions import ClientError
+
+    body = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
+    try:
+        resp = s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json; charset=utf-8",
+                             **condition)
+    except ClientError as exc:
+        if condition and _precondition_failed(exc):
+            return None
+        raise
+    return str(resp.get("ETag", "")).strip('"')
+
+
+def _delete_if_match(s3: Any, bucket: str, key: str, etag: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.delete_object(Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+    except ClientError as exc:
+        if _precondition_failed(exc) or s3io.is_not_found(exc):
+            return False
+        raise
+    return True
 
 
 def _list_objects(s3: Any, bucket: str, prefix: str, after: str | None, limit: int) -> list[dict[str, Any]]:
@@ -176,14 +227,14 @@ def _read_head(s3: Any, bucket: str, key: str, n: int) -> tuple[bytes, dict[str,
     try:
         resp = s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max(n, 1) - 1}")
     except ClientError as exc:
-        if s3io._is_not_found(exc):
+        if s3io.is_not_found(exc):
             return None
-        if s3io._error_code(exc)[1] != 416:  # an empty object has no byte 0
+        if s3io.error_code(exc)[1] != 416:  # an empty object has no byte 0
             raise
         try:
             head = s3.head_object(Bucket=bucket, Key=key)
         except ClientError as exc2:
-            if s3io._is_not_found(exc2):
+            if s3io.is_not_found(exc2):
                 return None
             raise
         return b"", info(head, int(head.get("ContentLength") or 0))

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from avatarflow import s3io
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_S = 1.5
@@ -74,7 +73,7 @@ def test_a_holder_killed_mid_post_is_adopted_not_reposted(api, race_config, s3, 
         while jobs(api) == before and time.time() < deadline:
             time.sleep(0.1)
         assert jobs(api) == before + 1, "the holder's POST never reached the server"
-        assert s3io.get_json(s3, s3_settings["bucket"], key)["state"] == "posting"
+        assert json.loads(s3.get_object(Bucket=s3_settings["bucket"], Key=key)["Body"].read())["state"] == "posting"
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(10)
     finally:
@@ -84,5 +83,5 @@ def test_a_holder_killed_mid_post_is_adopted_not_reposted(api, race_config, s3, 
     ids = {answer(p) for p in [start(cfg) for _ in range(3)]}
     assert jobs(api) == before + 1, "the job the killed holder made must be adopted"
     assert len(ids) == 1
-    entry = s3io.get_json(s3, s3_settings["bucket"], key)
+    entry = json.loads(s3.get_object(Bucket=s3_settings["bucket"], Key=key)["Body"].read())
     assert entry["state"] == "submitted" and entry["request_id"] in ids

@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from avatarflow import s3io, store
+from avatarflow import s3io, store, verify
 from avatarflow.s3io import ArchiveError, MiB
 from avatarflow.local import services
 
@@ -30,7 +30,15 @@ def _pending_uploads(s3, bucket: str, key: str) -> list[dict]:
 
 
 def _exists(s3, bucket: str, key: str) -> bool:
-    return s3io.object_exists(s3, bucket, key)
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if s3io.is_not_found(exc):
+            return False
+        raise
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,7 +67,7 @@ async def test_multipart_stream_roundtrip(s3, s3_bucket, s3_prefix):
     body = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == stored.sha256
     assert not _pending_uploads(s3, s3_bucket, key)
-    v = s3io.verify(s3, stored)
+    v = verify.verify(s3, stored)
     assert v.size == len(data) and v.sha256 == stored.sha256
 
 
@@ -83,7 +91,7 @@ async def test_empty_stream(s3, s3_bucket, s3_prefix):
         _chunks(b""), s3=s3, bucket=s3_bucket, key=key, content_type="application/octet-stream"
     )
     assert stored.size == 0 and stored.sha256 == hashlib.sha256(b"").hexdigest()
-    s3io.verify(s3, stored)
+    verify.verify(s3, stored)
 
 
 async def test_error_mid_stream_leaves_nothing(s3, s3_bucket, s3_prefix):
@@ -165,7 +173,7 @@ async def test_verify_detects_tampered_object(s3, s3_bucket, s3_prefix):
     key = f"{s3_prefix}/tampered.mp4"
     stored = await s3io.archive_stream(_chunks(data), s3=s3, bucket=s3_bucket, key=key)
     seen = []
-    result = s3io.verify(s3, stored, probe=lambda p: seen.append(p.read_bytes()) or "probed")
+    result = verify.verify(s3, stored, probe=lambda p: seen.append(p.read_bytes()) or "probed")
     assert result.probe == "probed" and seen == [data]
 
     # same size, other bytes, metadata copied along (a checksum is the only thing to catch it)
@@ -173,7 +181,7 @@ async def test_verify_detects_tampered_object(s3, s3_bucket, s3_prefix):
     tampered[1000] ^= 0xFF
     s3.put_object(Bucket=s3_bucket, Key=key, Body=bytes(tampered), Metadata={"sha256": stored.sha256})
     with pytest.raises(ArchiveError, match="sha256"):
-        s3io.verify(s3, stored)
+        verify.verify(s3, stored)
     assert not _exists(s3, s3_bucket, key)
 
 
@@ -182,7 +190,7 @@ async def test_verify_size_mismatch_and_probe_failure(s3, s3_bucket, s3_prefix):
     stored = await s3io.archive_stream(_chunks(b"abc" * 1000), s3=s3, bucket=s3_bucket, key=key)
     s3.put_object(Bucket=s3_bucket, Key=key, Body=b"abc")
     with pytest.raises(ArchiveError, match="size"):
-        s3io.verify(s3, stored)
+        verify.verify(s3, stored)
     assert not _exists(s3, s3_bucket, key)
 
     stored = await s3io.archive_stream(_chunks(b"not a video"), s3=s3, bucket=s3_bucket, key=key)
@@ -191,10 +199,10 @@ async def test_verify_size_mismatch_and_probe_failure(s3, s3_bucket, s3_prefix):
         raise ValueError("no video stream")
 
     with pytest.raises(ArchiveError, match="probe"):
-        await s3io.verify_async(s3, stored, probe=probe)
+        await verify.verify_async(s3, stored, probe=probe)
     assert not _exists(s3, s3_bucket, key)
     with pytest.raises(ArchiveError, match="not found"):
-        s3io.verify(s3, stored)
+        verify.verify(s3, stored)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,31 +223,34 @@ def test_presigned_url_and_anonymous_denied(s3, s3_bucket, s3_prefix):
     assert s3io.presign(s3, s3_bucket, key, expires=60).startswith(plain)
 
 
-def test_json_documents(s3, s3_bucket, s3_prefix):
-    key = f"{s3_prefix}/doc.json"
-    assert s3io.get_json(s3, s3_bucket, key) is None
-    s3io.put_json(s3, s3_bucket, key, {"a": 1, "text": "héllo"})
-    assert s3io.get_json(s3, s3_bucket, key) == {"a": 1, "text": "héllo"}
-    s3io.put_json(s3, s3_bucket, key, {"a": 2})
-    assert s3io.get_json(s3, s3_bucket, key) == {"a": 2}
+async def test_json_documents(s3, s3_bucket, s3_prefix):
+    docs = store.Store(s3, s3_bucket, s3_prefix)
+    key = docs.key("doc.json")
+    assert await docs.get_json(key) is None
+    await docs.put_json(key, {"a": 1, "text": "héllo"})
+    assert await docs.get_json(key) == {"a": 1, "text": "héllo"}
+    await docs.put_json(key, {"a": 2})
+    assert await docs.get_json(key) == {"a": 2}
     assert s3.head_object(Bucket=s3_bucket, Key=key)["ContentType"].startswith("application/json")
 
 
-def test_put_json_if_absent_is_honoured(s3, s3_bucket, s3_prefix):
-    key = f"{s3_prefix}/ledger.json"
-    assert s3io.put_json_conditional(s3, s3_bucket, key, {"request_id": "first"})
-    assert s3io.put_json_conditional(s3, s3_bucket, key, {"request_id": "second"}) is None
-    assert s3io.get_json(s3, s3_bucket, key) == {"request_id": "first"}
+async def test_create_json_if_absent_is_honoured(s3, s3_bucket, s3_prefix):
+    docs = store.Store(s3, s3_bucket, s3_prefix)
+    key = docs.key("ledger.json")
+    assert await docs.create_json(key, {"request_id": "first"})
+    assert await docs.create_json(key, {"request_id": "second"}) is None
+    assert await docs.get_json(key) == {"request_id": "first"}
 
 
-def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
-    key = f"{s3_prefix}/race.json"
+async def test_create_json_concurrent_single_winner(s3, s3_bucket, s3_prefix):
+    docs = store.Store(s3, s3_bucket, s3_prefix)
+    key = docs.key("race.json")
     barrier = threading.Barrier(8)
     results: dict[int, bool] = {}
 
     def worker(i: int) -> None:
         barrier.wait()
-        results[i] = s3io.put_json_conditional(s3, s3_bucket, key, {"writer": i}) is not None
+        results[i] = asyncio.run(docs.create_json(key, {"writer": i})) is not None
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -248,7 +259,7 @@ def test_put_json_if_absent_concurrent_single_winner(s3, s3_bucket, s3_prefix):
         t.join()
     winners = [i for i, ok in results.items() if ok]
     assert len(winners) == 1, results
-    assert s3io.get_json(s3, s3_bucket, key) == {"writer": winners[0]}
+    assert await docs.get_json(key) == {"writer": winners[0]}
 
 
 def test_uri_and_manifest_helpers():
@@ -256,8 +267,9 @@ def test_uri_and_manifest_helpers():
     for bad in ("http://b/k", "s3://b", "s3://b/", "s3:///k"):
         with pytest.raises(ValueError):
             store.parse_s3_uri(bad)
-    assert s3io.manifest_key("videos/fp/video.mp4") == "videos/fp/manifest.json"
-    assert s3io.manifest_key("video.mp4") == "manifest.json"
+    layout = store.Store(None, "b", "team/")
+    assert layout.manifest_key("fp") == "team/videos/fp/manifest.json"
+    assert layout.video_key("fp") == "team/videos/fp/video.mp4"
     assert store.s3_uri("b", "k/x") == "s3://b/k/x"
 
 
@@ -354,23 +366,24 @@ async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
     data = _tiny_mp4()
     key = f"{s3_prefix}/video.mp4"
     stored = await s3io.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)
-    result = await s3io.verify_async(s3, stored, probe=media.probe_video)
+    result = await verify.verify_async(s3, stored, probe=media.probe_video)
     assert result.probe is not None
     bad = await s3io.archive_stream(_chunks(b"\x00" * 5000), s3=s3, bucket=s3_bucket, key=key)
     with pytest.raises(ArchiveError, match="probe"):
-        s3io.verify(s3, bad, probe=media.probe_video)
+        verify.verify(s3, bad, probe=media.probe_video)
     assert not _exists(s3, s3_bucket, key)
 
 
-def test_replace_only_if_unchanged_and_delete_if_match(s3, s3_bucket, s3_prefix):
-    key = f"{s3_prefix}/cas.json"
-    first = s3io.put_json_conditional(s3, s3_bucket, key, {"v": 1})
-    doc, etag = s3io.get_json_versioned(s3, s3_bucket, key)
+async def test_replace_only_if_unchanged_and_delete_if_match(s3, s3_bucket, s3_prefix):
+    docs = store.Store(s3, s3_bucket, s3_prefix)
+    key = docs.key("cas.json")
+    first = await docs.create_json(key, {"v": 1})
+    doc, etag = await docs.read_json(key)
     assert doc == {"v": 1} and etag == first
-    second = s3io.put_json_conditional(s3, s3_bucket, key, {"v": 2}, if_match=etag)
+    second = await docs.replace_json(key, {"v": 2}, etag)
     assert second and second != first
-    assert s3io.put_json_conditional(s3, s3_bucket, key, {"v": 3}, if_match=first) is None, "a stale ETag must lose"
-    assert s3io.delete_if_match(s3, s3_bucket, key, first) is False
-    assert s3io.get_json(s3, s3_bucket, key) == {"v": 2}
-    assert s3io.delete_if_match(s3, s3_bucket, key, second) is True
-    assert s3io.get_json_versioned(s3, s3_bucket, key) == (None, None)
+    assert await docs.replace_json(key, {"v": 3}, first) is None, "a stale ETag must lose"
+    assert await docs.delete_if_match(key, first) is False
+    assert await docs.get_json(key) == {"v": 2}
+    assert await docs.delete_if_match(key, second) is True
+    assert await docs.read_json(key) == (None, None)
