@@ -210,7 +210,7 @@ def local_service_hosts(*urls: str | None) -> list[str]:
 # ---- the API and the archive -------------------------------------------------------------------
 def local_services() -> dict[str, Any]:
     """services.json of the local services (empty when none were started)."""
-    from avatarflow.local.services import load_services
+    from avatarflow.local.services.registry import load_services
 
     svcs = load_services()
     return svcs.to_json() if svcs else {}

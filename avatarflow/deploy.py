@@ -45,7 +45,7 @@ def api_url() -> str:
     url = prefect_api_url()
     if url:
         return url
-    from avatarflow.local.prefect_server import prefect_status
+    from avatarflow.local.services.prefect_server import prefect_status
 
     server, alive = prefect_status()
     if not alive or server is None:
@@ -58,7 +58,7 @@ def client_settings(url: str) -> dict[Any, str]:
     (or from PREFECT_API_AUTH_STRING), its auth string."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 
-    from avatarflow.local.prefect_server import client_auth
+    from avatarflow.local.services.prefect_server import client_auth
 
     auth = client_auth(url)
     return {PREFECT_API_URL: url, **({PREFECT_API_AUTH_STRING: auth} if auth else {})}

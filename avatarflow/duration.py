@@ -83,7 +83,7 @@ class Speech:
 
 def _voice_rate(voice: str | None, voice_prompt: str | None) -> float:
     try:
-        from avatarflow.local.tts import prompt_adjust, voice_settings
+        from avatarflow.local.render.tts import prompt_adjust, voice_settings
 
         rate = float(voice_settings(voice).rate) if voice else DEFAULT_WPM
         factor = prompt_adjust(voice_prompt or "")[0]
@@ -105,9 +105,9 @@ def script_seconds(text: str, voice: str | None = None, language: str | None = "
 
 def audio_seconds(data: bytes) -> float:
     """The exact length of an audio file, by decoding it."""
-    from avatarflow.media.audio import check_audio
+    from avatarflow import media
 
-    return float(check_audio(data).duration_s)
+    return float(media.check_audio(data).duration_s)
 
 
 def speech_of(request: Any, audio: bytes | None = None) -> Speech:

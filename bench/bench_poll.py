@@ -43,7 +43,7 @@ from collections.abc import Iterator
 from avatarflow.client import SegmindClient
 from avatarflow.contract import EXPECTED_DURATION_S
 from avatarflow.duration import DurationModel, Speech, observation
-from avatarflow.local.services import free_ports
+from avatarflow.local.services.common import free_ports
 
 ASSET = Path(__file__).resolve().parent.parent / "avatarflow" / "assets" / "portrait.jpg"
 KEY = "bench-key"

@@ -37,7 +37,7 @@ import json, sys, time
 from pathlib import Path
 from avatarflow.contract import AvatarRequest
 from avatarflow.face import warm_up
-from avatarflow.local.render import render_video
+from avatarflow.local.render.video import render_video
 warm_up()
 args = json.loads(sys.argv[1])
 req = AvatarRequest(image="data:image/jpeg;base64,AAAA", voice_script=args["script"],

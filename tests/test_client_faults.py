@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 import avatarflow.client as client_mod
-from avatarflow import contract
-from avatarflow.media.video import probe_video
+from avatarflow import contract, media
 from avatarflow.client import SegmindClient, _raise_for_status
 from avatarflow.contract import AvatarRequest
 from avatarflow.errors import (
@@ -317,7 +316,7 @@ async def test_get_timeout_is_api_timeout_after_retries():
 
 
 async def test_connect_refused_on_submit_is_transport_error_not_ambiguous(image):
-    from avatarflow.local.services import free_ports
+    from avatarflow.local.services.common import free_ports
 
     port = free_ports(1)[0]
     async with SegmindClient(api_key="k", base_url=f"http://127.0.0.1:{port}") as c:
@@ -370,7 +369,7 @@ async def test_stream_output_sends_no_key(api, client, done_id):
     async with client.stream_output(res.output_url) as r:
         data = b"".join([c async for c in r.aiter_bytes()])
     assert len(data) == res.video.file_size
-    probe = probe_video(data)
+    probe = media.probe_video(data)
     assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
     # a recording server: the key is not among the headers the client sends
     _Recorder.payload, _Recorder.seen = data, []

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from avatarflow.contract import AvatarRequest
-from avatarflow.local.render import render_video
+from avatarflow.local.render.video import render_video
 
 SCRIPTS = {
     "English (US)": ("Kore (Female)",

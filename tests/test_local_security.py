@@ -41,7 +41,7 @@ def _still_answers(api) -> None:
     r = httpx.get(f"{api.base_url}/v2/requests/nope/status", headers=_key(api), timeout=10)
     assert r.status_code == 404, r.text
     stats = api.stats()
-    assert stats["settings"] == {"min_processing_time": 0.0, "rate_limit": 0, "retention": 3600.0}
+    assert stats["settings"] == {"min_processing_time": 0.0, "requests_per_minute": 0, "retention": 3600.0}
     assert stats["faults"]["status"] == {} and stats["faults"]["fail_rate"] == 0.0
     assert stats["faults"]["count"] is None and stats["faults"]["retry_after"] == 1.0
 
@@ -149,15 +149,15 @@ BAD = [
     ('{"retry_after": Infinity}', "retry_after", "inf"),
     ('{"retry_after": -2}', "retry_after", "-2"),
     ('{"submit_delay": 1e9}', "submit_delay", "1000000000"),
-    ('{"rate_limit": "abc"}', "rate_limit", "abc"),
-    ('{"rate_limit": -5}', "rate_limit", "-5"),
-    ('{"rate_limit": 2.5}', "rate_limit", "2.5"),
+    ('{"requests_per_minute": "abc"}', "requests_per_minute", "abc"),
+    ('{"requests_per_minute": -5}', "requests_per_minute", "-5"),
+    ('{"requests_per_minute": 2.5}', "requests_per_minute", "2.5"),
     ('{"min_processing_time": -1}', "min_processing_time", "-1"),
     ('{"min_processing_time": 1e12}', "min_processing_time", "1000000000000"),
     ('{"retention": "x"}', "retention", "x"),
     ('{"retention": null}', "retention", "None"),
     # one bad value among good ones: nothing is applied
-    ('{"rate_limit": 5, "min_processing_time": 2, "fail_rate": 0.5, "status": {"500": 7}}', "status.500", "7"),
+    ('{"requests_per_minute": 5, "min_processing_time": 2, "fail_rate": 0.5, "status": {"500": 7}}', "status.500", "7"),
     ('{"fail_rate": 0.5, "status": {"500": 1}, "retention": -3}', "retention", "-3"),
     ('[1, 2]', "body", "list"),
     ('"faults"', "body", "str"),
@@ -295,7 +295,7 @@ def test_state_directories_0700_and_secrets_0600(s3_home):
 
 
 def test_resolve_home_tightens_an_existing_home(tmp_path):
-    from avatarflow.local.services import resolve_home
+    from avatarflow.local.services.common import resolve_home
 
     home = tmp_path / "old-home"
     (home / "s3" / "data").mkdir(parents=True)
@@ -362,17 +362,19 @@ def test_deploy_and_emit_find_the_local_servers_auth_string(prefect_server):  # 
 
 def test_a_seaweedfs_started_without_the_keys_is_restarted_with_them(tmp_path):
     """`local up` on a home whose weed predates the keys does not reuse it as it is."""
-    from avatarflow.local import services
+    from avatarflow.local.services import stack
+    from avatarflow.local.services.common import live_process
+    from avatarflow.local.services.seaweed import start_s3, weed_marker
 
     home = tmp_path / "home"
-    svc = services.start_s3(home, timeout=60, attempts=4, die_with_parent=True)
+    svc = start_s3(home, timeout=60, attempts=4, die_with_parent=True)
     try:
-        again = services.start_s3(home, timeout=60, die_with_parent=True)
+        again = start_s3(home, timeout=60, die_with_parent=True)
         assert again.pid == svc.pid, "a hardened weed is reused"
         (home / "s3" / "security.toml").unlink()  # as a home made before the keys
-        fresh = services.start_s3(home, timeout=60, attempts=4, die_with_parent=True)
+        fresh = start_s3(home, timeout=60, attempts=4, die_with_parent=True)
         assert fresh.pid != svc.pid
-        assert services._process(svc.pid, services._weed_marker(home)) is None, "the old weed is stopped"
+        assert live_process(svc.pid, weed_marker(home)) is None, "the old weed is stopped"
         assert _mode(home / "s3" / "security.toml") == 0o600
         assert "-disableHttp" in psutil.Process(fresh.pid).cmdline()
         client = fresh.client()
@@ -380,4 +382,4 @@ def test_a_seaweedfs_started_without_the_keys_is_restarted_with_them(tmp_path):
         assert client.get_object(Bucket=fresh.bucket, Key="k")["Body"].read() == b"v"
         client.close()
     finally:
-        services.down(home)
+        stack.down(home)

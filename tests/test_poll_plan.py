@@ -33,7 +33,7 @@ from avatarflow.duration import (
     window,
 )
 from avatarflow.client import backoff_delay
-from avatarflow.local.queue import Timing, request_key
+from avatarflow.local.server.queue import Timing, request_key
 
 COST = 3.0  # the local vendor-like mode's default at 720p
 
@@ -367,7 +367,7 @@ def test_timing_arithmetic():
 
 
 def test_timing_flags_are_checked():
-    from avatarflow.local.serve import timing_of
+    from avatarflow.local.server.serve import timing_of
 
     t = timing_of("vendor", 2.0, 0.5, ["1080p=6"], 0.02, 3)
     assert t.cost_per_second == {"720p": 3.0, "1080p": 6.0} and t.queue_wait == 2.0 and t.seed == 3

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from avatarflow.contract import RESOLUTION_SIZE, AvatarRequest
-from avatarflow.local.render import RenderFailed, RenderInfo, render_video
+from avatarflow.local.render.video import RenderFailed, RenderInfo, render_video
 
 IMAGE_REF = "data:image/jpeg;base64,AAAA"  # the request's own image field is not read here
 SHORT = "Hello! I am your local avatar."
@@ -85,7 +85,7 @@ def test_1080p_is_a_valid_mp4(tmp_path, portrait_bytes):
 
 
 def test_duration_follows_the_speech(default_720):
-    from avatarflow.local import tts
+    from avatarflow.local.render import tts
 
     path, info = default_720
     speech = tts.synthesize(SHORT, _request().voice, _request().voice_language,

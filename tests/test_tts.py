@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from avatarflow.contract import VOICE_LANGUAGES, VOICES, voice_gender
-from avatarflow.local import tts
-from avatarflow.local.encode import write_wav
-from avatarflow.local.tts import AudioError, Speech, is_pause, load_audio, synthesize
+from avatarflow.local.render import tts
+from avatarflow.local.render.encode import write_wav
+from avatarflow.local.render.tts import AudioError, Speech, is_pause, load_audio, synthesize
 
 SENTENCES = {
     "English (US)": "Good morning, how are you today?",

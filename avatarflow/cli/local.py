@@ -1,5 +1,5 @@
 """`avatarflow local ...`: the local services (S3, the local API, Prefect on PostgreSQL) and the
-local API server itself (`local serve`; its start-up is avatarflow.local.serve.serve_local)."""
+local API server itself (`local serve`; its start-up is avatarflow.local.server.serve.serve_local)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def local_up(
 ) -> None:
     """Start (or reuse) the local S3 (SeaweedFS), the local API and, if asked, a Prefect server on
     PostgreSQL."""
-    from avatarflow.local import services
+    from avatarflow.local.services import stack
 
-    print_services(guard(lambda: services.up(with_api=api)))
+    print_services(guard(lambda: stack.up(with_api=api)))
     if with_prefect:
-        from avatarflow.local.prefect_server import start_prefect
+        from avatarflow.local.services.prefect_server import start_prefect
 
         server = guard(start_prefect)
         typer.echo(f"prefect up    {server.api_url}  pid={server.pid}  database={server.database}")
@@ -37,21 +37,21 @@ def local_up(
 @local_app.command("down")
 def local_down() -> None:
     """Stop the local services (and the local Prefect server and its PostgreSQL, if they run)."""
-    from avatarflow.local import services
-    from avatarflow.local.prefect_server import stop_prefect
+    from avatarflow.local.services import stack
+    from avatarflow.local.services.prefect_server import stop_prefect
 
     stop_prefect()
-    services.down()
+    stack.down()
     typer.echo("stopped")
 
 
 @local_app.command("status")
 def local_status() -> None:
     """Show the local services and whether they answer."""
-    from avatarflow.local import services
-    from avatarflow.local.prefect_server import prefect_status
+    from avatarflow.local.services import stack
+    from avatarflow.local.services.prefect_server import prefect_status
 
-    print_services(services.status())
+    print_services(stack.status())
     server, alive = prefect_status()
     if server:
         typer.echo(f"prefect {'up' if alive else 'down':5} {server.api_url}  pid={server.pid}  database={server.database}")
@@ -63,7 +63,7 @@ def prefect_up(
 ) -> None:
     """Start (or reuse) a Prefect server on loopback, on its own PostgreSQL (state under the
     avatarflow home)."""
-    from avatarflow.local.prefect_server import start_prefect
+    from avatarflow.local.services.prefect_server import start_prefect
 
     server = guard(lambda: start_prefect(port=port))
     typer.echo(f"prefect up  {server.api_url}  pid={server.pid}  database={server.database}")
@@ -76,7 +76,7 @@ def prefect_up(
 @local_app.command("prefect-down")
 def prefect_down() -> None:
     """Stop the local Prefect server and its PostgreSQL."""
-    from avatarflow.local.prefect_server import stop_prefect
+    from avatarflow.local.services.prefect_server import stop_prefect
 
     stopped = stop_prefect()
     typer.echo("prefect stopped" if stopped else "prefect was not running")
@@ -85,7 +85,7 @@ def prefect_down() -> None:
 @local_app.command("prefect-status")
 def prefect_status_command() -> None:
     """Whether the local Prefect server runs and answers."""
-    from avatarflow.local.prefect_server import prefect_status
+    from avatarflow.local.services.prefect_server import prefect_status
 
     server, alive = prefect_status()
     if server is None:
@@ -112,7 +112,7 @@ def serve(
     timing_seed: int = typer.Option(0, help="--timing vendor: seed of the jitter (with each request's body)."),
     requests_per_minute: int = typer.Option(0, min=0, help="Requests per minute per key, then 429 (0: off)."),
     credits: float = typer.Option(100.0, help="Starting balance reported as remaining_credits."),
-    faults: Optional[str] = typer.Option(None, help="Fault injection as a JSON object, or @file.json (schema: avatarflow.local.chaos)."),
+    faults: Optional[str] = typer.Option(None, help="Fault injection as a JSON object, or @file.json (schema: avatarflow.local.server.chaos)."),
     fault: list[str] = typer.Option([], help="One fault rate, ENDPOINT.KIND=RATE (e.g. status.500=0.1, submit.drop=0.05); repeatable."),
     fail_rate: Optional[float] = typer.Option(None, help="Share of jobs that end FAILED ('local: injected failure')."),
     submit_drop_after_accept: Optional[float] = typer.Option(None, help="Share of submits queued whose answer is then cut off."),
@@ -121,7 +121,7 @@ def serve(
     retry_after: Optional[float] = typer.Option(None, help="Retry-After seconds of injected 429s."),
 ) -> None:
     """Serve the Segmind-compatible p-video-avatar API on loopback (fault knobs: see
-    avatarflow.local.serve)."""
-    from avatarflow.local.serve import serve_local
+    avatarflow.local.server.serve)."""
+    from avatarflow.local.server.serve import serve_local
 
     guard(lambda: serve_local(host=host, port=port, api_key=api_key, admin_key=admin_key, data_dir=data_dir, workers=workers, retention=retention, min_processing_time=min_processing_time, timing=timing, queue_wait=queue_wait, queue_jitter=queue_jitter, cost_per_second=cost_per_second, timing_jitter=timing_jitter, timing_seed=timing_seed, requests_per_minute=requests_per_minute, credits=credits, faults=faults, fault=fault, fail_rate=fail_rate, submit_drop_after_accept=submit_drop_after_accept, submit_delay=submit_delay, fault_count=fault_count, retry_after=retry_after))

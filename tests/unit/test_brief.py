@@ -1,5 +1,5 @@
 """From a brief to a script: the prompt, the text out of every answer shape, the checks, and the
-local stand-in writer (avatarflow.local.writer)."""
+local stand-in writer (avatarflow.local.server.writer)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from avatarflow import duration
 from avatarflow.brief import Brief, ScriptRejected, answer_text, check_script, llm_request
-from avatarflow.local import writer
+from avatarflow.local.server import writer
 
 TEXT = "Hello there. Our spring sale starts today."
 BRIEF = Brief(brief="the spring sale", language="English (US)", voice="Zephyr (Female)", target_seconds=20,

@@ -44,7 +44,7 @@ import numpy as np
 
 from avatarflow import face as fm
 from avatarflow.face import Face
-from avatarflow.local.encode import FPS
+from avatarflow.local.render.encode import FPS
 
 # ---- still camera ---------------------------------------------------------------------------
 _STILL = re.compile(

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from avatarflow.contract import RESOLUTION_SIZE, AvatarRequest
-from avatarflow.local import animate
-from avatarflow.local.encode import FPS, EncodeError, VideoWriter
+from avatarflow.local.render import animate
+from avatarflow.local.render.encode import FPS, EncodeError, VideoWriter
 from avatarflow.safety import ContentBlocked, check_script
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -64,7 +64,7 @@ def decode_image(image: bytes) -> np.ndarray:
 
 
 def _speech(request: AvatarRequest, audio: bytes | None):  # -> tts.Speech
-    from avatarflow.local import tts
+    from avatarflow.local.render import tts
 
     if audio is not None:
         try:

@@ -19,8 +19,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from avatarflow.contract import MODEL_SLUG, ContractError, LlmRequest, explain, parse_request
-from avatarflow.local.chaos import ENDPOINTS, Chaos, Faults, KnobError, Settings, reset_at_header
-from avatarflow.local.queue import JobQueue, LocalJob
+from avatarflow.local.server.chaos import ENDPOINTS, Chaos, Faults, KnobError, Settings, reset_at_header
+from avatarflow.local.server.queue import JobQueue, LocalJob
 
 log = logging.getLogger("avatarflow.local")
 API_ENDPOINTS = frozenset({"submit", "status", "result", "history", "sync"})
@@ -110,7 +110,7 @@ class ChaosMiddleware:
             key = headers.get(b"x-api-key", b"").decode()
             if key not in self.keys:
                 return await _json(401, {"error": "missing or invalid API key (x-api-key)"})(scope, receive, counted)
-            wait = self.chaos.rate_limited(key)
+            wait = self.chaos.seconds_to_wait(key)
             if wait is not None:
                 return await self._too_many(wait)(scope, receive, counted)
         fault = self.chaos.fault_for(endpoint)

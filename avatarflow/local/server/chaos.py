@@ -10,7 +10,7 @@ Faults are set at start (CLI flags) or at run time with `POST /_local/faults`, a
      "count": 2,                      # only the next 2 injected faults fire, then all clear
      "retry_after": 1.0,              # Retry-After of injected and real 429s
      "min_processing_time": 20,       # settings: a job is PROCESSING at least this long
-     "rate_limit": 50, "retention": 3600}
+     "requests_per_minute": 50, "retention": 3600}
 
 Endpoints: submit, status, result, history, files, sync. `drop` cuts the connection midway
 through a response. `POST /_local/reset` restores the start-up settings and clears counters.
@@ -18,7 +18,7 @@ through a response. `POST /_local/reset` restores the start-up settings and clea
 Every value is checked before any is applied (:func:`validate_knobs`): a bad one is refused
 with its name, its value and what is allowed, and leaves the current knobs as they were.
 Ranges: rates 0 to 1; `count` a whole number 0 or more (or null); `retry_after` 0 to 3600 s;
-`submit_delay` 0 to 300 s; `min_processing_time` 0 to 3600 s; `rate_limit` a whole number 0 to
+`submit_delay` 0 to 300 s; `min_processing_time` 0 to 3600 s; `requests_per_minute` a whole number 0 to
 100000 per minute; `retention` 0 to 604800 s.
 """
 
@@ -99,7 +99,7 @@ def validate_knobs(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         elif name in ("min_processing_time", "retention"):
             top = _SECONDS_MAX[name]
             settings[name] = _number(name, value, 0, top, f"seconds, a number from 0 to {top:g}")
-        elif name == "rate_limit":
+        elif name == "requests_per_minute":
             settings[name] = _whole(name, value, 0, 100_000)
         else:
             raise KnobError(str(name), name, f"a fault knob: {', '.join(known)}")
@@ -124,7 +124,7 @@ class Faults(BaseModel):
 
 class Settings(BaseModel):
     min_processing_time: float = 0.0
-    rate_limit: int = 0
+    requests_per_minute: int = 0
     retention: float = 3600.0
 
 
@@ -197,10 +197,10 @@ class Chaos:
         with self._lock:
             return self._fire(getattr(self.faults, name))
 
-    def rate_limited(self, key: str) -> float | None:
+    def seconds_to_wait(self, key: str) -> float | None:
         """Seconds until the key's 60 s window frees a slot, when over the limit; else None."""
         with self._lock:
-            limit = self.settings.rate_limit
+            limit = self.settings.requests_per_minute
             if limit <= 0:
                 return None
             now = time.time()

@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avatarflow import media
 from avatarflow.contract import (
     AUDIO_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -40,9 +41,9 @@ from avatarflow.contract import (
     cost_of,
 )
 from avatarflow.fingerprint import random_seed
-from avatarflow.local import writer
-from avatarflow.local.chaos import Chaos
-from avatarflow.sources import SourcePolicy, read_source
+from avatarflow.local.server import writer
+from avatarflow.local.server.chaos import Chaos
+from avatarflow.sources import SourcePolicy
 
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
@@ -217,7 +218,7 @@ class JobQueue:
             job.done.set()
 
     async def _run_llm(self, job: LocalJob) -> None:
-        """The LLM stand-in (avatarflow.local.writer): queued, written, priced by its tokens."""
+        """The LLM stand-in (avatarflow.local.server.writer): queued, written, priced by its tokens."""
         await asyncio.sleep(LLM_QUEUE_S)
         job.status, job.started_at = "PROCESSING", time.time()
         job.answer, usage = writer.answer(job.slug, job.body)
@@ -277,15 +278,15 @@ class JobQueue:
         return job.output, job.duration_s
 
     async def _render(self, job: LocalJob) -> None:
-        from avatarflow.local.render import render_video
+        from avatarflow.local.render.video import render_video
 
         req = job.request
         image = await asyncio.to_thread(
-            read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=IMAGE_MAX_BYTES
+            media.read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=IMAGE_MAX_BYTES
         )
         audio = (
             await asyncio.to_thread(
-                read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=AUDIO_MAX_BYTES
+                media.read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=AUDIO_MAX_BYTES
             )
             if req.audio else None
         )

@@ -2,7 +2,7 @@
 parses the flags; this module turns them into a running server).
 
 Fault knobs at start-up (all off by default; the same schema as ``POST /_local/faults``, see
-:mod:`avatarflow.local.chaos`): ``--faults`` takes the whole JSON object (or ``@file.json``), and
+:mod:`avatarflow.local.server.chaos`): ``--faults`` takes the whole JSON object (or ``@file.json``), and
 the single flags are applied over it:
 
     --fault status.500=0.1 --fault submit.drop=0.05   # ENDPOINT.KIND=RATE, repeatable
@@ -28,7 +28,7 @@ def fault_settings(
     retry_after: float | None = None,
 ) -> dict[str, Any]:
     """The fault object the CLI flags describe; ValueError with a readable message when bad."""
-    from avatarflow.local.chaos import ENDPOINTS, FAULT_KINDS, Faults, Settings, validate_knobs
+    from avatarflow.local.server.chaos import ENDPOINTS, FAULT_KINDS, Faults, Settings, validate_knobs
 
     body: dict[str, Any] = {}
     if faults:
@@ -89,7 +89,7 @@ def timing_of(mode: str, queue_wait: float, queue_jitter: float, cost_per_second
     """The `Timing` the --timing flags describe; ValueError with a readable message when bad."""
     from pydantic import ValidationError
 
-    from avatarflow.local.queue import Timing
+    from avatarflow.local.server.queue import Timing
 
     costs = dict(Timing().cost_per_second)
     for item in cost_per_second:
@@ -121,9 +121,9 @@ def serve_local(
     """Serve the Segmind-compatible p-video-avatar API on loopback (blocks); ValueError with a
     readable message when a setting is bad. Keys also from AVATARFLOW_LOCAL_API_KEY and
     AVATARFLOW_LOCAL_ADMIN_KEY (comma-separated)."""
-    from avatarflow.local.api import ServerConfig, check_loopback, serve as run
-    from avatarflow.local.chaos import Faults, Settings
-    from avatarflow.local.queue import set_default_timing
+    from avatarflow.local.server.api import ServerConfig, check_loopback, serve as run
+    from avatarflow.local.server.chaos import Faults, Settings
+    from avatarflow.local.server.queue import set_default_timing
 
     check_loopback(host)
     body = fault_settings(faults, fault, fail_rate, submit_drop_after_accept, submit_delay, fault_count, retry_after)
@@ -136,8 +136,7 @@ def serve_local(
         api_keys=keys,
         admin_keys=admin_keys,
         workers=workers,
-        # the server's knob `rate_limit` is requests per minute per key
-        settings=Settings(**{"min_processing_time": min_processing_time, "rate_limit": requests_per_minute,
+        settings=Settings(**{"min_processing_time": min_processing_time, "requests_per_minute": requests_per_minute,
                              "retention": retention, **settings}),
         faults=Faults.model_validate(body),
         credits=credits,

@@ -33,14 +33,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from avatarflow.local.services import (
+from avatarflow.local.services.common import (
     ServiceError,
-    _locked,
-    _log_tail,
-    _pdeathsig_preexec,
-    _process,
-    _write_private_json,
+    live_process,
+    locked,
+    log_tail,
+    pdeathsig_preexec,
     resolve_home,
+    write_private_json,
 )
 
 STATE_FILE = "postgres.json"
@@ -84,7 +84,7 @@ class PostgresService:
         return f"-D {self.pgdata}"
 
     def running(self) -> bool:
-        return _process(self.pid, self.marker) is not None
+        return live_process(self.pid, self.marker) is not None
 
     def ready(self) -> bool:
         """The postmaster is alive and says `ready` in postmaster.pid, and its socket exists."""
@@ -157,7 +157,7 @@ def start_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float
                    die_with_parent: bool = False) -> PostgresService:
     """Start (or reuse) the home's PostgreSQL; initialise its data directory on first use."""
     home_path = resolve_home(home)
-    with _locked(home_path):
+    with locked(home_path):
         current = _state(home_path)
         if current and current.pid and current.ready():
             return current
@@ -186,7 +186,7 @@ def start_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float
                 [str(bin_dir() / "postgres"), "-D", str(pgdata), "-h", "", "-k", str(sock), "-p", str(PORT),
                  "-c", "max_connections=200", "-c", "unix_socket_permissions=0700"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True, cwd=pgdata, preexec_fn=_pdeathsig_preexec() if die_with_parent else None,
+                close_fds=True, cwd=pgdata, preexec_fn=pdeathsig_preexec() if die_with_parent else None,
                 **_run_as(ids))
         svc = PostgresService(pgdata, sock, proc.pid)
         deadline = time.monotonic() + timeout
@@ -195,10 +195,10 @@ def start_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
                 raise ServiceError(f"PostgreSQL did not start in {timeout:.0f} s (exit {proc.poll()}); "
-                                   f"log {log_path}:\n{_log_tail(log_path)}")
+                                   f"log {log_path}:\n{log_tail(log_path)}")
             time.sleep(0.05)
         svc.started_s = round(time.monotonic() - t0, 3)
-        _write_private_json(home_path / STATE_FILE, {"pgdata": str(pgdata), "socket_dir": str(sock),
+        write_private_json(home_path / STATE_FILE, {"pgdata": str(pgdata), "socket_dir": str(sock),
                                                      "pid": svc.pid, "started_s": svc.started_s})
     return svc
 
@@ -218,7 +218,7 @@ def stop_postgres(home: str | os.PathLike[str] | None = None, *, timeout: float 
             time.sleep(0.05)
         if not current.running():
             break
-    _write_private_json(home_path / STATE_FILE, {"pgdata": str(current.pgdata), "socket_dir": str(current.socket_dir),
+    write_private_json(home_path / STATE_FILE, {"pgdata": str(current.pgdata), "socket_dir": str(current.socket_dir),
                                                  "pid": None, "started_s": current.started_s})
     return True
 

