@@ -21,7 +21,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from avatarflow import media
+from avatarflow.media.errors import MediaError
 from avatarflow.contract import ContractError
 from avatarflow.spec import VideoRequest, parse_video_request
 
@@ -142,7 +142,7 @@ def check_sources(rows: list[Row], base: Path | None = None, *, policy: Any = No
                 ref = str(base / ref)
             try:
                 sources.check_reference(ref, field=name, policy=policy)
-            except media.MediaError as e:
+            except MediaError as e:
                 row.error = f"line {row.line}: {e}"
                 row.request = None
                 break
@@ -155,12 +155,12 @@ def read_calendar(source: str, *, s3_client: Any = None, policy: Any = None) -> 
     from avatarflow import sources
 
     policy = policy if policy is not None else sources.policy_from_env()
-    data = media.read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES,
+    data = sources.read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES,
                              policy=policy)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise media.MediaError("calendar", "is not UTF-8 text", value=sources.display_source(source),
+        raise MediaError("calendar", "is not UTF-8 text", value=sources.display_source(source),
                                allowed="CSV or JSONL") from None
     return [parse_row(line, raw) for line, raw in parse_records(text, source)]
 

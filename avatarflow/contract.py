@@ -48,7 +48,7 @@ IMAGE_MAX_BYTES = 20 * 1024 * 1024
 AUDIO_MAX_BYTES = 50 * 1024 * 1024
 # The vendor states no limit for voice_script. Ours: 5,000 characters, about 800 words, about
 # five minutes of speech at 150 words a minute: as long as the longest audio we accept
-# (media.AUDIO_MAX_SECONDS = 300 s). It caps a template and what it renders to.
+# (media.audio.AUDIO_MAX_SECONDS = 300 s). It caps a template and what it renders to.
 VOICE_SCRIPT_MAX_CHARS = 5_000
 EXPECTED_DURATION_S = 100.0  # the vendor page's typical latency (~98 s)
 STRENGTH_MIN, STRENGTH_MAX = 0.0, 4.0

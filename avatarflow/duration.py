@@ -105,9 +105,9 @@ def script_seconds(text: str, voice: str | None = None, language: str | None = "
 
 def audio_seconds(data: bytes) -> float:
     """The exact length of an audio file, by decoding it."""
-    from avatarflow import media
+    from avatarflow.media.audio import check_audio
 
-    return float(media.check_audio(data).duration_s)
+    return float(check_audio(data).duration_s)
 
 
 def speech_of(request: Any, audio: bytes | None = None) -> Speech:

@@ -18,11 +18,13 @@ import jinja2.nodes
 import jinja2.sandbox
 import jinja2.visitor
 
-from avatarflow import media
 from avatarflow.contract import AUDIO_MAX_BYTES, IMAGE_MAX_BYTES, VOICE_SCRIPT_MAX_CHARS
 from avatarflow.errors import AvatarflowError
 from avatarflow.fingerprint import sha256_hex
-from avatarflow.sources import SourcePolicy, _shown, display_source, resolve_policy
+from avatarflow.media.audio import check_audio
+from avatarflow.media.portrait import Portrait
+from avatarflow.media.portrait import check_portrait as check_portrait_bytes
+from avatarflow.sources import SourcePolicy, display_source, read_source, resolve_policy
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 
@@ -259,7 +261,7 @@ def render_script(template: str, fields: dict[str, Any] | None, field: str = "vo
 
 async def _read(ref: str, field: str, store: Store | None, max_bytes: int, policy: SourcePolicy) -> bytes:
     return await asyncio.to_thread(
-        media.read_source, ref, field=field, s3_client=store.s3 if store else None, max_bytes=max_bytes,
+        read_source, ref, field=field, s3_client=store.s3 if store else None, max_bytes=max_bytes,
         policy=policy,
     )
 
@@ -282,7 +284,7 @@ async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourceP
     if not request.audio:
         return SpeechInput(voice_script=script)
     data = await _read(request.audio, "audio", store, AUDIO_MAX_BYTES, await _policy(store, policy))
-    info = await asyncio.to_thread(media.check_audio, data, source=_shown(request.audio))
+    info = await asyncio.to_thread(check_audio, data, source=display_source(request.audio))
     url = await store.stage(info.data, info.sha256, info.format, info.content_type)
     return SpeechInput(
         voice_script=script,
@@ -294,9 +296,9 @@ async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourceP
 
 
 async def check_portrait(request: VideoRequest, store: Store | None, *,
-                         policy: SourcePolicy | None = None) -> media.Portrait:
+                         policy: SourcePolicy | None = None) -> Portrait:
     data = await _read(request.image, "image", store, IMAGE_MAX_BYTES, await _policy(store, policy))
-    return await asyncio.to_thread(media.check_portrait, data, source=_shown(request.image))
+    return await asyncio.to_thread(check_portrait_bytes, data, source=display_source(request.image))
 
 
 async def prepare_portrait(request: VideoRequest, store: Store, *, policy: SourcePolicy | None = None) -> PortraitInput:

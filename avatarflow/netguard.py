@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from avatarflow.media import MediaError, _size
+from avatarflow.media.errors import MediaError, human_size as _size
 
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")

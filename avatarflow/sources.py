@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from avatarflow import netguard
-from avatarflow.media import MediaError, _short, _size
+from avatarflow.media.errors import MediaError, human_size as _size, shorten as _short
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 SCHEMES = ("https", "http", "s3", "data", "file")

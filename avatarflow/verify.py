@@ -45,7 +45,7 @@ def verify(
     delete_bad: bool = True,
 ) -> Verification:
     """Check what landed: size (HEAD), sha256 (streaming GET, recomputed), and optionally
-    ``probe(path)`` on a downloaded temporary copy (e.g. ``media.probe_video``).
+    ``probe(path)`` on a downloaded temporary copy (e.g. ``media.video.probe_video``).
 
     On any mismatch or probe failure the object is deleted (unless ``delete_bad=False``)
     and :class:`s3io.ArchiveError` is raised.

@@ -52,7 +52,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from avatarflow.media import IMAGE_ALLOWED, IMAGE_FORMATS, IMAGE_MAX_BYTES, MediaError, sniff
+from avatarflow.contract import IMAGE_MAX_BYTES
+from avatarflow.media.errors import MediaError
+from avatarflow.media.portrait import IMAGE_ALLOWED, IMAGE_FORMATS
+from avatarflow.media.sniff import sniff
 from avatarflow.store import Store
 
 DEFAULT_PREFIX = "incoming/"

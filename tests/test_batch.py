@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import check_sources, parse_records, parse_row, read_calendar
 from avatarflow.inputs import TemplateError
-from avatarflow.media import MediaError
+from avatarflow.media.errors import MediaError
 from avatarflow.sources import SourcePolicy
 from avatarflow.deploy import limit_slots
 from avatarflow.spec import VideoRequest

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from avatarflow import config
-from avatarflow.media import MediaError
+from avatarflow.media.errors import MediaError
 from avatarflow.spec import VideoRequest
 from avatarflow.blocks.credentials import SegmindCredentials
 from avatarflow.blocks.preset import AvatarPreset

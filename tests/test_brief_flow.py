@@ -11,7 +11,7 @@ from datetime import date
 import pytest
 from typer.testing import CliRunner
 
-from avatarflow import media
+from avatarflow.media.video import probe_video
 from avatarflow.brief import ScriptRejected
 from avatarflow.cli import app
 from avatarflow.spec import VideoRequest
@@ -48,7 +48,7 @@ def test_a_brief_becomes_a_script_then_a_video_of_the_target_length(api, pipelin
     assert "spring sale" in script["text"] and "visit the shop" in script["text"]
     video = tmp_path / "v.mp4"
     video.write_bytes(_get(s3, out["s3_uri"]))
-    spoken = media.probe_video(video).duration_s
+    spoken = probe_video(video).duration_s
     assert abs(spoken - 12) <= 0.2 * 12, f"{language}: {spoken:.1f} s for a 12 s target"
     manifest = json.loads(_get(s3, out["manifest_uri"]))
     assert manifest["parameters"]["voice_script"] == script["text"] and manifest["script"]["prompt"][1]["role"] == "user"

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from avatarflow import media, sources
+from avatarflow import sources
 from avatarflow.cli import app, cli_roots
 from avatarflow.client import SegmindClient
-from avatarflow.media import MediaError
+from avatarflow.media.errors import MediaError
+from avatarflow.media.video import probe_video
 from avatarflow.spec import VideoRequest
 from avatarflow.flows.avatar_video import avatar_video
 
@@ -38,7 +39,7 @@ def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["seed"] == 11 and result["s3_uri"].startswith("s3://")
     assert result["local_copy"] == str(out)
-    probe = media.probe_video(out)
+    probe = probe_video(out)
     assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
     assert api.api_key not in r.output
     assert sources.cli_roots() == (), "the widening ends with the run"

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 import avatarflow.client as client_mod
-from avatarflow import contract, media
+from avatarflow import contract
+from avatarflow.media.video import probe_video
 from avatarflow.client import SegmindClient, _raise_for_status
 from avatarflow.contract import AvatarRequest
 from avatarflow.errors import (
@@ -369,7 +370,7 @@ async def test_stream_output_sends_no_key(api, client, done_id):
     async with client.stream_output(res.output_url) as r:
         data = b"".join([c async for c in r.aiter_bytes()])
     assert len(data) == res.video.file_size
-    probe = media.probe_video(data)
+    probe = probe_video(data)
     assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
     # a recording server: the key is not among the headers the client sends
     _Recorder.payload, _Recorder.seen = data, []

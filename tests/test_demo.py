@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from avatarflow import contract, media
+from avatarflow import contract
+from avatarflow.media.video import probe_video
 from avatarflow.local.render.tts import synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def test_demo_makes_a_playable_mp4_as_long_as_the_speech(tmp_path):
         subprocess.run([cli, "local", "down"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "s3_uri:        s3://avatarflow/videos/" in done.stdout and f"local copy:    {out}" in done.stdout
-    probe = media.probe_video(out)
+    probe = probe_video(out)
     assert probe.has_video and probe.has_audio
     assert (probe.width, probe.height) == contract.RESOLUTION_SIZE[contract.DEFAULT_RESOLUTION]
     speech = synthesize(contract.DEFAULT_VOICE_SCRIPT, contract.DEFAULT_VOICE, contract.DEFAULT_VOICE_LANGUAGE,

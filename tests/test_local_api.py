@@ -16,7 +16,8 @@ from datetime import datetime, timedelta, timezone
 import httpx
 import pytest
 
-from avatarflow import contract, media
+from avatarflow import contract
+from avatarflow.media.video import probe_video
 from avatarflow.local.server.api import check_loopback
 from avatarflow.local.render.tts import synthesize
 from tests.fixtures_api import ROOT, start_local_api, stop_local_api
@@ -91,7 +92,7 @@ def _check_video(api, result: dict, script: str, resolution: str, tmp_path) -> N
     assert len(video.content) == result["video"]["file_size"] > 0
     path = tmp_path / "out.mp4"
     path.write_bytes(video.content)
-    probe = media.probe_video(path)
+    probe = probe_video(path)
     assert probe.has_video and probe.has_audio
     assert probe.video_codec and probe.audio_codec
     assert (probe.width, probe.height) == contract.RESOLUTION_SIZE[resolution]
@@ -147,7 +148,7 @@ def test_1080p_with_a_very_short_script(api, image, tmp_path):
 def test_metrics_cost_is_cost_of_the_output_duration(api, done_job):
     res = get(api, f"/v2/requests/{done_job['request_id']}").json()
     data = httpx.get(res["output"], timeout=30).content
-    probe = media.probe_video(data)
+    probe = probe_video(data)
     assert res["metrics"]["cost"] == contract.cost_of(probe.video_duration_s, "720p")
     assert res["metrics"]["cost"] == pytest.approx(contract.cost_of(probe.duration_s, "720p"), abs=0.025 * 0.1)
     hist = get(api, f"/inference-request/request-history/{done_job['request_id']}").json()
@@ -442,7 +443,7 @@ def test_sync_returns_a_playable_mp4(api, image, tmp_path):
     r = post(api, {"image": image, "voice_script": script, "seed": seed()}, path=f"/v1/{SLUG}")
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
     rid = r.headers["x-request-id"]
-    probe = media.probe_video(r.content)
+    probe = probe_video(r.content)
     assert probe.has_video and probe.has_audio and (probe.width, probe.height) == (1280, 720)
     speech = synthesize(script, contract.DEFAULT_VOICE, contract.DEFAULT_VOICE_LANGUAGE).duration_s
     assert abs(probe.duration_s - speech) <= 0.2

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avatarflow import media
-from avatarflow.media import MediaError, check_audio, check_portrait, probe_video, read_source
-from avatarflow.sources import SourcePolicy
+from avatarflow.media.audio import check_audio
+from avatarflow.media.errors import MediaError
+from avatarflow.media.portrait import check_portrait
+from avatarflow.media.video import probe_video, thumbnail_jpeg
+from avatarflow.sources import SourcePolicy, read_source
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -365,11 +367,11 @@ def test_probe_video_rejects(tmp_path, mp4_path):
 
 
 def test_thumbnail(mp4_path):
-    jpg = media.thumbnail_jpeg(mp4_path, at_s=1.0, width=160)
+    jpg = thumbnail_jpeg(mp4_path, at_s=1.0, width=160)
     img = Image.open(io.BytesIO(jpg))
     assert img.format == "JPEG" and img.size == (160, 120)
     # past the end: the last frame
-    assert Image.open(io.BytesIO(media.thumbnail_jpeg(mp4_path, at_s=99))).size == (320, 240)
+    assert Image.open(io.BytesIO(thumbnail_jpeg(mp4_path, at_s=99))).size == (320, 240)
 
 
 def _encode_audio(fmt: str, codec: str, seconds: float = 1.0, rate: int = 48000,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from avatarflow import media
 from avatarflow.errors import JobFailed
-from avatarflow.media import MediaError
+from avatarflow.media.errors import MediaError
+from avatarflow.media.video import probe_video
 from avatarflow.spec import VideoRequest
 from avatarflow.flows.avatar_video import avatar_video
 
@@ -55,7 +55,7 @@ def test_fresh_run_archives_a_playable_mp4_and_a_manifest(api, pipeline_env, req
     assert out["s3_uri"].startswith("s3://") and pipeline_env in out["s3_uri"]
     video = tmp_path / "v.mp4"
     video.write_bytes(_get_object(s3, out["s3_uri"]))
-    probe = media.probe_video(video)
+    probe = probe_video(video)
     assert (probe.width, probe.height) == (1280, 720)
     assert probe.has_video and probe.has_audio and probe.video_codec == "h264" and probe.audio_codec == "aac"
     manifest = json.loads(_get_object(s3, out["manifest_uri"]))

@@ -362,15 +362,15 @@ def _tiny_mp4() -> bytes:
 
 
 async def test_verify_with_media_probe(s3, s3_bucket, s3_prefix):
-    from avatarflow import media
+    from avatarflow.media.video import probe_video
     data = _tiny_mp4()
     key = f"{s3_prefix}/video.mp4"
     stored = await s3io.archive_stream(_chunks(data, 1000), s3=s3, bucket=s3_bucket, key=key)
-    result = await verify.verify_async(s3, stored, probe=media.probe_video)
+    result = await verify.verify_async(s3, stored, probe=probe_video)
     assert result.probe is not None
     bad = await s3io.archive_stream(_chunks(b"\x00" * 5000), s3=s3, bucket=s3_bucket, key=key)
     with pytest.raises(ArchiveError, match="probe"):
-        verify.verify(s3, bad, probe=media.probe_video)
+        verify.verify(s3, bad, probe=probe_video)
     assert not _exists(s3, s3_bucket, key)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from avatarflow import netguard, sources
-from avatarflow.media import MediaError
+from avatarflow.media.errors import MediaError
 from avatarflow.sources import SourcePolicy, read_source
 from tests.http_recorder import Recorder, redirect_to
 

@@ -24,7 +24,7 @@ def exit_code(e: BaseException) -> int | None:
     from avatarflow.config import NotConfigured
     from avatarflow.contract import ContractError
     from avatarflow.errors import APIError, AvatarflowError, BadRequest
-    from avatarflow.media import MediaError
+    from avatarflow.media.errors import MediaError
 
     if isinstance(e, MediaError):  # a source out of reach for now is not bad input
         return EXIT_FAILED if e.transient else EXIT_BAD_INPUT

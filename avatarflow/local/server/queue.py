@@ -31,7 +31,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from avatarflow import media
 from avatarflow.contract import (
     AUDIO_MAX_BYTES,
     IMAGE_MAX_BYTES,
@@ -43,7 +42,7 @@ from avatarflow.contract import (
 from avatarflow.fingerprint import random_seed
 from avatarflow.local.server import writer
 from avatarflow.local.server.chaos import Chaos
-from avatarflow.sources import SourcePolicy
+from avatarflow.sources import SourcePolicy, read_source
 
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
@@ -282,11 +281,11 @@ class JobQueue:
 
         req = job.request
         image = await asyncio.to_thread(
-            media.read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=IMAGE_MAX_BYTES
+            read_source, req.image, field="image", policy=FETCH_POLICY, max_bytes=IMAGE_MAX_BYTES
         )
         audio = (
             await asyncio.to_thread(
-                media.read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=AUDIO_MAX_BYTES
+                read_source, req.audio, field="audio", policy=FETCH_POLICY, max_bytes=AUDIO_MAX_BYTES
             )
             if req.audio else None
         )
