@@ -1,6 +1,6 @@
-"""How long a job will take, and when to ask whether it is done.
+"""How long a job will take: its speech's length, and the model fitted from finished jobs.
 
-Three parts:
+Two parts (the poll plan built on the prediction is avatarflow.poll):
 
 - **speech seconds**, what drives the processing time: exact for `audio` (decoded), estimated
   for a `voice_script` from its words (characters for Japanese) at the voice's speaking rate
@@ -10,14 +10,9 @@ Three parts:
   output second x output seconds, the cost per resolution. Fitted from finished jobs
   (`metrics.queue_time` and `metrics.inference_time` of the result, or the history's
   `latency_ms`): Theil-Sen slope (median of pairwise slopes) and median intercept, medians for the
-  queue wait, spreads from the median absolute deviation, so a few outliers move nothing. It is
-  shared by every worker as one JSON document in the archive bucket, written conditionally
-  (`SharedDurationModel`). Cold start (no observations): the prior below.
-- **the poll plan**: a belief over (queue wait, processing time), conditioned on every answer
-  seen (QUEUED at t: the queue wait is longer than t; PROCESSING at t: it started by t; any
-  non-final answer: not done at t). Polls are dense (every `gap_s`) across the likely end and
-  sparse elsewhere: none before it, backing off after it. Pure functions of the prediction and
-  the answers: `next_poll`, and `poll_plan` for a whole schedule on a fake clock.
+  queue wait, spreads from the median absolute deviation, so a few outliers move nothing. Every
+  worker shares it through the bucket (avatarflow.shared_duration). Cold start (no
+  observations): the prior below.
 
 The cold-start prior: the vendor's page gives about 100 s for a typical clip; one catalogue gives
 $0.81 a call on average, which at Pruna's $0.025 per output second (720p) is a 32 s clip. So:
@@ -28,13 +23,11 @@ processing, 4 s of queue wait) until jobs are observed.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import random
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -251,8 +244,8 @@ class Prediction:
 
 
 def fixed_prediction(seconds: float, resolution: str = "720p") -> Prediction:
-    """A prediction of exactly `seconds` with the prior's relative spread (an `expected_s` given
-    by hand)."""
+    """A prediction of exactly `seconds` with the prior's relative spread (an `expected_seconds`
+    given by hand)."""
     s = max(float(seconds), 0.5)
     return Prediction(seconds=s, spread_s=PRIOR_REL_SPREAD * s, queue_s=0.0, queue_spread_s=MIN_QUEUE_SPREAD_S,
                       processing_s=s, processing_spread_s=PRIOR_REL_SPREAD * s, speech_s=s / 3.0,
@@ -270,9 +263,6 @@ class DurationModel:
     @property
     def observations(self) -> list[Observation]:
         return sorted(self._obs.values(), key=lambda o: (o.at, o.id))
-
-    def __len__(self) -> int:
-        return len(self._obs)
 
     def add(self, obs: Observation) -> None:
         self.merge([obs])
@@ -391,267 +381,3 @@ def timing_record(prediction: Prediction | None, metrics: dict[str, Any] | None,
     if prediction is not None and actual["total_s"] is not None:
         record["error_s"] = round(actual["total_s"] - prediction.seconds, 3)
     return record
-
-
-class SharedDurationModel:
-    """The model of every worker: one JSON document in the bucket (`Store`), read on `refresh`
-    (at most every `refresh_s`), and each finished job merged in by a conditional write (create
-    if absent, else replace if the ETag is unchanged; on a race re-read, merge, retry)."""
-
-    def __init__(self, store: Any, key: str | None = None, *, refresh_s: float = 30.0, retries: int = 10):
-        self.store = store
-        self.key = key or store.key("models", "duration.json")
-        self.refresh_s, self.retries = refresh_s, retries
-        self.model = DurationModel()
-        self._loaded_at = -math.inf
-
-    async def refresh(self, *, force: bool = False) -> DurationModel:
-        if force or time.monotonic() - self._loaded_at >= self.refresh_s:
-            doc, _ = await self.store.read_json(self.key)
-            self.model.merge(DurationModel.from_doc(doc).observations)
-            self._loaded_at = time.monotonic()
-        return self.model
-
-    async def predict(self, resolution: str, speech: Speech) -> Prediction:
-        return (await self.refresh()).predict(resolution, speech)
-
-    def live(self, pred: Prediction) -> Callable[[], Prediction]:
-        """The prediction re-read from the in-memory model (no I/O), for a wait that should use
-        what jobs finishing meanwhile taught it; `pred` itself while the model is still cold."""
-
-        def current() -> Prediction:
-            fresh = self.model.predict(pred.resolution, pred.speech)
-            return fresh if fresh.n else pred
-
-        return current
-
-    async def record(self, obs: Observation | None) -> bool:
-        """Merge one observation into the shared document; False if it never got in."""
-        if obs is None:
-            return False
-        self.model.add(obs)
-        for attempt in range(self.retries):
-            doc, etag = await self.store.read_json(self.key)
-            merged = DurationModel.from_doc(doc)
-            merged.merge([obs])
-            if etag is None:
-                written = await self.store.create_json(self.key, merged.to_doc())
-            else:
-                written = await self.store.replace_json(self.key, merged.to_doc(), etag)
-            if written is not None:
-                self.model.merge(merged.observations)
-                self._loaded_at = time.monotonic()
-                return True
-            await asyncio.sleep(random.uniform(0, 0.05 * 2**attempt))
-        return False
-
-
-_SHARED: dict[tuple[str, str, str], SharedDurationModel] = {}
-
-
-def service_name(backend: str, base_url: str | None = None) -> str:
-    """What a model document is about: the backend and the API's host and port (a credentials
-    block pointing the `segmind` backend at the local API gets the local API's own document)."""
-    from urllib.parse import urlsplit
-
-    where = urlsplit(base_url).netloc if base_url else ""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{backend}-{where}" if where else backend).strip("-")
-
-
-def model_key(store: Any, service: str) -> str:
-    """The shared document of one service (the vendor's and the local API's times differ)."""
-    return store.key("models", f"duration-{service}.json")
-
-
-def shared_model(store: Any, service: str) -> SharedDurationModel:
-    """One SharedDurationModel per bucket document in this process, so runs in one process learn
-    from each other at once (and from other machines at each refresh)."""
-    key = model_key(store, service)
-    endpoint = str(getattr(getattr(getattr(store, "s3", None), "meta", None), "endpoint_url", ""))
-    ident = (endpoint, str(getattr(store, "bucket", "")), key)
-    shared = _SHARED.get(ident)
-    if shared is None:
-        shared = _SHARED[ident] = SharedDurationModel(store, key)
-    else:
-        shared.store = store
-    return shared
-
-
-# ------------------------------------------------------------------------------------------
-# The poll plan
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlanConfig:
-    """`gap_s`: polls this far apart where the end is likely (slack about half of it);
-    `window` the quantiles of the end that make "likely"; `window_polls` the most polls spent
-    across that window (a wide, cold window gets wider gaps instead of more polls); after it,
-    gaps grow by `late_growth` up to `late_max_gap_s`."""
-
-    gap_s: float = 3.0
-    window: tuple[float, float] = (0.02, 0.98)
-    window_polls: int = 7
-    late_growth: float = 1.5
-    late_max_gap_s: float = 30.0
-    min_gap_s: float = 0.5
-    result_from: float = 0.01  # poll the result endpoint once P(done) reaches this
-    grid: int = 41
-
-
-DEFAULT_PLAN = PlanConfig()
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A non-final answer: its status (QUEUED, PROCESSING, or anything else not final) at `at`
-    seconds after submit."""
-
-    at: float
-    status: str
-
-
-@dataclass(frozen=True)
-class Poll:
-    at: float  # seconds after submit
-    endpoint: str  # "result" (carries the status; saves a round trip when done) or "status"
-    phase: str  # "window", "late"
-
-
-def _normal_grid(mean: float, sd: float, n: int, low: float) -> tuple[list[float], list[float]]:
-    sd = max(sd, 1e-6)
-    xs = [mean + sd * (-4.0 + 8.0 * i / (n - 1)) for i in range(n)]
-    ws = [math.exp(-0.5 * ((x - mean) / sd) ** 2) for x in xs]
-    xs = [max(x, low) for x in xs]
-    return xs, ws
-
-
-def end_distribution(pred: Prediction, answers: Iterable[Answer] = (), *, grid: int = 41,
-                     not_done: bool = False) -> list[tuple[float, float]]:
-    """The end time's distribution [(t, weight)], sorted, weights summing to 1, given the status
-    answers (QUEUED at t: queue wait > t; PROCESSING at t: queue wait <= t). With `not_done`, also
-    conditioned on the job not being done at each answer. Empty if the answers rule out every
-    point (the model was wrong: the caller is then "late")."""
-    qs, qw = _normal_grid(pred.queue_s, pred.queue_spread_s, grid, 0.0)
-    ps, pw = _normal_grid(pred.processing_s, pred.processing_spread_s, grid, 0.1 * pred.processing_s)
-    answers = list(answers)
-    q_lo = max((a.at for a in answers if a.status == "QUEUED"), default=-math.inf)
-    q_hi = min((a.at for a in answers if a.status == "PROCESSING"), default=math.inf)
-    t_min = max((a.at for a in answers), default=-math.inf) if not_done else -math.inf
-    queue = [(q, w) for q, w in zip(qs, qw) if q_lo < q <= q_hi]
-    if not queue and q_lo < q_hi:  # re-anchor the queue wait on what the answers say
-        if q_hi < math.inf:  # started by q_hi, sooner than modelled: anywhere since the last QUEUED
-            a = max(q_lo, 0.0)
-            queue = [(a + (q_hi - a) * (i + 0.5) / grid, 1.0) for i in range(grid)]
-        else:  # still QUEUED past the modelled wait: the rest of it, half-normal beyond q_lo
-            sd = max(pred.queue_spread_s, 0.25 * (q_lo - pred.queue_s), MIN_QUEUE_SPREAD_S)
-            queue = [(q_lo + sd * 4.0 * (i + 0.5) / grid, math.exp(-0.5 * (4.0 * (i + 0.5) / grid) ** 2))
-                     for i in range(grid)]
-    out: dict[float, float] = {}
-    for q, wq in queue:
-        for p, wp in zip(ps, pw):
-            t = q + p
-            if t > t_min:
-                out[t] = out.get(t, 0.0) + wq * wp
-    total = sum(out.values())
-    if total <= 0:
-        return []
-    return sorted((t, w / total) for t, w in out.items())
-
-
-def _quantile(dist: list[tuple[float, float]], p: float) -> float:
-    acc = 0.0
-    for t, w in dist:
-        acc += w
-        if acc >= p:
-            return t
-    return dist[-1][0]
-
-
-def _cdf(dist: list[tuple[float, float]], t: float) -> float:
-    return sum(w for x, w in dist if x <= t)
-
-
-def window(pred: Prediction, answers: Iterable[Answer] = (), cfg: PlanConfig = DEFAULT_PLAN) -> tuple[float, float] | None:
-    """(start, end) of the likely end, given the status answers; None when they rule it out."""
-    dist = end_distribution(pred, answers, grid=cfg.grid)
-    if not dist:
-        return None
-    return _quantile(dist, cfg.window[0]), _quantile(dist, cfg.window[1])
-
-
-def next_poll(pred: Prediction, answers: Iterable[Answer] = (), now: float = 0.0,
-              cfg: PlanConfig = DEFAULT_PLAN) -> Poll:
-    """When to ask next (seconds after submit), given the prediction and the non-final answers
-    so far. No poll before the window; the first one gap into it (at its end when it is
-    narrower), then every gap across it (re-anchored by the answers: a job
-    still QUEUED moves the window later, PROCESSING pins its start); after it, growing gaps."""
-    answers = sorted(answers, key=lambda a: a.at)
-    last = answers[-1].at if answers else -math.inf
-    earliest = max(now, last + cfg.min_gap_s)
-    dist = end_distribution(pred, answers, grid=cfg.grid)
-    if dist:
-        lo, hi = _quantile(dist, cfg.window[0]), _quantile(dist, cfg.window[1])
-        gap = max(cfg.gap_s, (hi - lo) / max(cfg.window_polls - 1, 1))
-    else:  # the answers contradict the model: late since the first answer it cannot explain
-        k = next(k for k in range(1, len(answers) + 1)
-                 if not end_distribution(pred, answers[:k], grid=cfg.grid))
-        lo = hi = answers[k - 1].at
-        gap = cfg.gap_s
-    if last < lo:  # the first poll one gap into the window (a poll at its very start finds little)
-        at = max(earliest, min(lo + gap, hi))
-        phase = "window"
-    elif last < hi:
-        at = max(earliest, last + gap)
-        phase = "window"
-    else:
-        late = sum(1 for a in answers if a.at >= hi)
-        cap = max(gap, min(cfg.late_max_gap_s, 0.1 * max(pred.seconds, hi)))
-        at = max(earliest, last + min(cap, gap * cfg.late_growth ** late))
-        phase = "late"
-    p_done = _cdf(end_distribution(pred, answers, grid=cfg.grid, not_done=True), at) if dist else 1.0
-    return Poll(at=at, endpoint="result" if p_done >= cfg.result_from or phase == "late" else "status", phase=phase)
-
-
-def poll_plan(pred: Prediction, *, status_at: Callable[[float], str] | None = None,
-              until: float | None = None, max_polls: int = 200, cfg: PlanConfig = DEFAULT_PLAN) -> list[Poll]:
-    """The whole schedule on a fake clock, assuming every answer is non-final: `status_at(t)`
-    gives the status answered at t (default: QUEUED before the predicted queue wait, PROCESSING
-    after). Stops after the first poll at or past `until` (default: 3x the prediction)."""
-    status_at = status_at or (lambda t: "QUEUED" if t < pred.queue_s else "PROCESSING")
-    until = until if until is not None else 3 * pred.seconds + 30
-    answers: list[Answer] = []
-    polls: list[Poll] = []
-    while len(polls) < max_polls:
-        poll = next_poll(pred, answers, now=polls[-1].at if polls else 0.0, cfg=cfg)
-        polls.append(poll)
-        if poll.at >= until:
-            break
-        answers.append(Answer(poll.at, status_at(poll.at)))
-    return polls
-
-
-def simulate(pred: Prediction, end_s: float, *, queue_s: float | None = None,
-             cfg: PlanConfig = DEFAULT_PLAN) -> tuple[int, float, int]:
-    """(polls, slack, result-endpoint polls) for a job that ends at `end_s` (and leaves the
-    queue at `queue_s`), polled by the plan on a fake clock: the count includes the poll that
-    sees COMPLETED, and the extra result request a status poll needs then."""
-    queue_s = queue_s if queue_s is not None else min(pred.queue_s, end_s)
-    answers: list[Answer] = []
-    now, polls = 0.0, 0
-    while True:
-        poll = next_poll(pred, answers, now=now, cfg=cfg)
-        polls += 1
-        now = poll.at
-        if now >= end_s:
-            return polls + (1 if poll.endpoint == "status" else 0), now - end_s, polls
-        answers.append(Answer(now, "QUEUED" if now < queue_s else "PROCESSING"))
-
-
-__all__ = [
-    "Answer", "DEFAULT_PLAN", "DurationModel", "Fit", "Observation", "PlanConfig", "Poll", "Prediction",
-    "PRIOR_COST_PER_S", "PRIOR_QUEUE_S", "SharedDurationModel", "Speech", "TYPICAL_CLIP_S", "audio_seconds", "model_key",
-    "service_name", "shared_model", "timing_record",
-    "end_distribution", "fixed_prediction", "next_poll", "observation", "poll_plan", "script_seconds",
-    "simulate", "speech_of", "theil_sen", "window",
-]

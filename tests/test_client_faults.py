@@ -17,10 +17,11 @@ import uuid
 import httpx
 import pytest
 
-import avatarflow.client as client_mod
+import avatarflow.api_http as api_http
 from avatarflow import contract
 from avatarflow.media.video import probe_video
-from avatarflow.client import SegmindClient, _raise_for_status
+from avatarflow.api_http import raise_for_status
+from avatarflow.client import SegmindClient
 from avatarflow.contract import AvatarRequest
 from avatarflow.errors import (
     AmbiguousSubmit,
@@ -47,7 +48,7 @@ def image(portrait_bytes) -> str:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(client_mod, "BACKOFF_BASE_S", 0.05)
+    monkeypatch.setattr(api_http, "BACKOFF_BASE_S", 0.05)
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ async def test_422_failed_job_is_job_failed_with_the_api_error(api, client, imag
     assert e.body == {"request_id": sub.request_id, "status": "FAILED", "error": "local: injected failure"}
     e = await raises(JobFailed, client.result(sub.request_id))
     assert e.error == "local: injected failure"
-    e = await raises(JobFailed, client.wait(sub.request_id, expected_s=1))
+    e = await raises(JobFailed, client.wait(sub.request_id, expected_seconds=1))
     assert e.error == "local: injected failure"
 
 
@@ -147,7 +148,7 @@ async def test_422_no_face_carries_the_api_text(api, client):
     Image.new("RGB", (200, 200), (90, 90, 90)).save(buf, "PNG")
     blank = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     sub = await client.submit(req(blank))
-    e = await raises(JobFailed, client.wait(sub.request_id, expected_s=1, deadline_s=60))
+    e = await raises(JobFailed, client.wait(sub.request_id, expected_seconds=1, deadline_s=60))
     assert "no face" in e.error and e.status_code == 422
 
 
@@ -155,7 +156,7 @@ async def test_422_no_face_carries_the_api_text(api, client):
 def test_mapper_403_and_406(code, cls):
     body = {"error": "Insufficient credits" if code == 406 else "Forbidden for this key"}
     with pytest.raises(cls) as info:
-        _raise_for_status(httpx.Response(code, json=body), "rid-1")
+        raise_for_status(httpx.Response(code, json=body), "rid-1")
     RAISED.append(info.value)
     assert info.value.status_code == code and info.value.body == body and info.value.request_id == "rid-1"
     assert str(info.value) == f"HTTP {code}: {body['error']} (request rid-1)"
@@ -163,15 +164,15 @@ def test_mapper_403_and_406(code, cls):
 
 def test_mapper_other_codes():
     with pytest.raises(ServerError) as info:
-        _raise_for_status(httpx.Response(503, text="upstream down"))
+        raise_for_status(httpx.Response(503, text="upstream down"))
     assert info.value.status_code == 503 and info.value.body == "upstream down"
     with pytest.raises(APIError) as info:
-        _raise_for_status(httpx.Response(418, json={"message": "teapot"}))
+        raise_for_status(httpx.Response(418, json={"message": "teapot"}))
     assert type(info.value) is APIError and info.value.status_code == 418 and "teapot" in str(info.value)
     with pytest.raises(RateLimited) as info:
-        _raise_for_status(httpx.Response(429, headers={"Retry-After": "7"}, json={"error": "slow"}))
+        raise_for_status(httpx.Response(429, headers={"Retry-After": "7"}, json={"error": "slow"}))
     assert info.value.retry_after == 7
-    _raise_for_status(httpx.Response(200, json={}))
+    raise_for_status(httpx.Response(200, json={}))
 
 
 # ---- 429 ----------------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ async def test_wait_completes_with_few_status_requests(api, client, image, tmp_p
     events = []
     t0 = time.time()
     sub = await client.submit(req(image, "Waiting."))
-    res = await client.wait(sub.request_id, submitted_at=t0, expected_s=2, deadline_s=60,
+    res = await client.wait(sub.request_id, submitted_at=t0, expected_seconds=2, deadline_s=60,
                             on_status=events.append)
     assert res.status == "COMPLETED" and res.output_url
     polls = len(events)
@@ -344,7 +345,7 @@ async def test_wait_completes_with_few_status_requests(api, client, image, tmp_p
 async def test_wait_rides_out_transient_status_errors(api, client, image):
     sub = await client.submit(req(image, "Bumpy."))
     api.set_faults({"status": {"502": 1.0}, "result": {"502": 1.0}, "count": 2})
-    res = await client.wait(sub.request_id, expected_s=2, deadline_s=60)
+    res = await client.wait(sub.request_id, expected_seconds=2, deadline_s=60)
     assert res.status == "COMPLETED"
 
 

@@ -10,32 +10,60 @@ import random
 import statistics
 import time
 import urllib.parse
+from datetime import UTC
 
 import httpx
 import pytest
 
+from avatarflow.api_http import backoff_delay
 from avatarflow.duration import (
-    DEFAULT_PLAN,
     PRIOR_COST_PER_S,
     PRIOR_QUEUE_S,
-    Answer,
     DurationModel,
     Observation,
-    SharedDurationModel,
+    Prediction,
     Speech,
     fixed_prediction,
-    next_poll,
     observation,
-    poll_plan,
     script_seconds,
-    simulate,
     theil_sen,
-    window,
 )
-from avatarflow.client import backoff_delay
 from avatarflow.local.server.queue import Timing, request_key
+from avatarflow.poll import DEFAULT_PLAN, Answer, Poll, next_poll, window
+from avatarflow.shared_duration import SharedDurationModel, model_key, service_name
 
 COST = 3.0  # the local vendor-like mode's default at 720p
+
+
+def poll_plan(pred: Prediction, *, until: float | None = None, max_polls: int = 200) -> list[Poll]:
+    """The plan's whole schedule on a fake clock, every answer non-final (QUEUED before the
+    predicted queue wait, PROCESSING after); stops at the first poll at or past `until`."""
+    until = until if until is not None else 3 * pred.seconds + 30
+    answers: list[Answer] = []
+    polls: list[Poll] = []
+    while len(polls) < max_polls:
+        poll = next_poll(pred, answers, now=polls[-1].at if polls else 0.0)
+        polls.append(poll)
+        if poll.at >= until:
+            break
+        answers.append(Answer(poll.at, "QUEUED" if poll.at < pred.queue_s else "PROCESSING"))
+    return polls
+
+
+def simulate(pred: Prediction, end_s: float, *, queue_s: float | None = None) -> tuple[int, float, int]:
+    """(requests, slack, polls) for a job ending at `end_s` (out of the queue at `queue_s`),
+    polled by the plan on a fake clock: requests count the poll that sees COMPLETED and the
+    extra result request a status poll needs then."""
+    queue_s = queue_s if queue_s is not None else min(pred.queue_s, end_s)
+    answers: list[Answer] = []
+    now, polls = 0.0, 0
+    while True:
+        poll = next_poll(pred, answers, now=now)
+        polls += 1
+        now = poll.at
+        if now >= end_s:
+            return polls + (1 if poll.endpoint == "status" else 0), now - end_s, polls
+        answers.append(Answer(now, "QUEUED" if now < queue_s else "PROCESSING"))
 
 
 def _jobs(rng: random.Random, n: int, *, jitter: float = 0.01, queue: float = 3.0, qj: float = 1.0):
@@ -161,12 +189,13 @@ def test_an_early_end_is_caught_by_the_first_poll_in_one_request():
 
 
 def test_backoff_honours_retry_after_and_reset_header():
+    from datetime import datetime, timedelta
+
     import httpx
-    from datetime import datetime, timedelta, timezone
 
     r = httpx.Response(429, headers={"Retry-After": "3"})
     assert 3.0 <= backoff_delay(0, r) <= 3.3
-    at = (datetime.now(timezone.utc) + timedelta(seconds=5)).isoformat()
+    at = (datetime.now(UTC) + timedelta(seconds=5)).isoformat()
     r2 = httpx.Response(429, headers={"x-rate-limit-reset-at-utc": at})
     assert 4.0 <= backoff_delay(0, r2) <= 5.5
     assert 0 < backoff_delay(3) <= 4.05
@@ -240,8 +269,6 @@ def test_scripts_are_corrected_per_language_by_real_lengths():
 
 
 def test_each_service_has_its_own_document():
-    from avatarflow.duration import model_key, service_name
-
     assert service_name("segmind", "https://api.segmind.com") == "segmind-api.segmind.com"
     assert service_name("segmind", "http://127.0.0.1:8787") == "segmind-127.0.0.1-8787"
     assert service_name("local") == "local"
@@ -329,7 +356,7 @@ def test_concurrent_updates_merge_none_lost():
         assert {o["id"] for o in doc["observations"]} == {f"job{i}" for i in range(4)}
         assert store.conflicts >= 3
         fresh = SharedDurationModel(store)
-        assert len(await fresh.refresh()) == 4
+        assert len((await fresh.refresh()).observations) == 4
         assert (await fresh.predict("720p", Speech(10.0, True))).n == 4
 
     asyncio.run(main())
@@ -427,9 +454,23 @@ def test_vendor_timing_mode_over_http(tmp_path, portrait_bytes):
 # ------------------------------------------------------------------ the one poll loop, over HTTP
 
 
-def test_wait_and_wait_history_share_the_plan_over_http(tmp_path, portrait_bytes):
+def test_wait_refuses_an_unknown_source_or_schedule_key():
+    """A misspelt or retired keyword (`expected_s`) fails before any request, never silently."""
+    from avatarflow.client import SegmindClient
+
+    async def main():
+        async with SegmindClient(base_url="http://127.0.0.1:9") as client:
+            with pytest.raises(TypeError, match="expected_s"):
+                await client.wait("rid", expected_s=1)
+            with pytest.raises(ValueError, match="via='records'"):
+                await client.wait("rid", via="records")
+
+    asyncio.run(main())
+
+
+def test_waits_on_the_record_and_the_history_share_the_plan_over_http(tmp_path, portrait_bytes):
     """On the vendor-like mode with a warm prediction: `wait` asks the result endpoint only, a
-    few times, and notices COMPLETED within the plan's gap; `wait_history` follows the same job
+    few times, and notices COMPLETED within the plan's gap; `wait(via="history")` follows the same job
     in the request history with the same loop; `predict` is re-read before each poll."""
     import base64
 
@@ -462,7 +503,7 @@ def test_wait_and_wait_history_share_the_plan_over_http(tmp_path, portrait_bytes
                 res = await client.wait(rid, submitted_at=t0, prediction=fixed(100.0), predict=predict,
                                         on_status=events.append)
                 noticed = time.time()
-                row = await client.wait_history(rid, submitted_at=t0, prediction=predict())
+                row = await client.wait(rid, via="history", submitted_at=t0, prediction=predict())
                 return rid, res, events, asked, noticed, row
 
         rid, res, events, asked, noticed, row = asyncio.run(main())
@@ -477,7 +518,7 @@ def test_wait_and_wait_history_share_the_plan_over_http(tmp_path, portrait_bytes
         stop_local_api(server)
 
 
-def test_wait_history_failed_is_final(api):
+def test_a_failed_history_row_is_final(api):
     """A FAILED row in the history raises JobFailed with its error, through the same loop."""
     import base64
     import io
@@ -496,7 +537,7 @@ def test_wait_history_failed_is_final(api):
         async with SegmindClient(api_key=api.api_key, base_url=api.base_url) as client:
             rid = (await client.submit(body)).request_id
             with pytest.raises(JobFailed) as info:
-                await client.wait_history(rid, prediction=fixed_prediction(2.0))
+                await client.wait(rid, via="history", prediction=fixed_prediction(2.0))
             return info.value
 
     assert asyncio.run(main()).error
@@ -512,8 +553,9 @@ def test_a_run_records_predicted_vs_actual_and_teaches_the_shared_model(api, pip
     another script predicts from it."""
     import json
 
-    from avatarflow.spec import VideoRequest
     from avatarflow.flows.avatar_video import avatar_video
+
+    from avatarflow.spec import VideoRequest
 
     prefix = pipeline_env
     out = asyncio.run(avatar_video(request=VideoRequest(
@@ -540,8 +582,9 @@ def test_a_run_records_predicted_vs_actual_and_teaches_the_shared_model(api, pip
 
 
 def test_summary_row_shows_predicted_vs_actual():
-    from avatarflow.duration import timing_record
     from avatarflow.flows.avatar_video import _timing_row
+
+    from avatarflow.duration import timing_record
 
     pred = DurationModel().predict("720p", Speech(10.0, True))
     record = timing_record(pred, {"queue_time": 2.0, "inference_time": 30.0}, {"polls": 2, "noticed_s": 33.1})
