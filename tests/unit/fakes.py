@@ -14,9 +14,10 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from avatarflow.errors import AmbiguousSubmit, RateLimited, SubmitNotSent
 
@@ -191,3 +192,95 @@ async def as_run(who: str, coro: Any) -> Any:
         return await coro
 
     return await asyncio.create_task(go())
+
+
+class FakeS3:
+    """A boto3 S3 client in memory, for the calls avatarflow.store and avatarflow.s3io make:
+    put_object (IfNoneMatch/IfMatch: 412 PreconditionFailed), get_object (Range), head_object,
+    delete_object (IfMatch), list_objects_v2 (Prefix, StartAfter, MaxKeys, ContinuationToken),
+    generate_presigned_url. Objects live in `objects[(bucket, key)]`; `calls` records each call."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.page_size = 1000  # list_objects_v2 answers at most this many keys a page
+        self._n = itertools.count(1)
+
+    @staticmethod
+    def error(code: str, status: int, op: str) -> Exception:
+        from botocore.exceptions import ClientError
+
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, op)
+
+    def _get(self, bucket: str, key: str, op: str) -> dict[str, Any]:
+        if (bucket, key) not in self.objects:
+            raise self.error("NoSuchKey", 404, op)
+        return self.objects[(bucket, key)]
+
+    def _check(self, obj: dict[str, Any] | None, if_match: str | None, if_none_match: str | None, op: str) -> None:
+        if if_none_match == "*" and obj is not None:
+            raise self.error("PreconditionFailed", 412, op)
+        if if_match is not None:
+            if obj is None:
+                raise self.error("NoSuchKey", 404, op)
+            if if_match.strip('"') != obj["ETag"].strip('"'):
+                raise self.error("PreconditionFailed", 412, op)
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes = b"", ContentType: str = "binary/octet-stream",
+                   Metadata: dict[str, str] | None = None, IfMatch: str | None = None,
+                   IfNoneMatch: str | None = None) -> dict[str, Any]:
+        self.calls.append(("put_object", {"Key": Key, "IfMatch": IfMatch, "IfNoneMatch": IfNoneMatch}))
+        self._check(self.objects.get((Bucket, Key)), IfMatch, IfNoneMatch, "PutObject")
+        data = bytes(Body)
+        etag = f'"{hashlib.md5(data).hexdigest()}-{next(self._n)}"'
+        self.objects[(Bucket, Key)] = {"Body": data, "ETag": etag, "ContentType": ContentType,
+                                       "Metadata": dict(Metadata or {}), "LastModified": time.time()}
+        return {"ETag": etag}
+
+    def _meta(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return {"ETag": obj["ETag"], "ContentType": obj["ContentType"], "Metadata": dict(obj["Metadata"]),
+                "LastModified": obj["LastModified"], "ContentLength": len(obj["Body"])}
+
+    def get_object(self, *, Bucket: str, Key: str, Range: str | None = None) -> dict[str, Any]:
+        import io
+
+        from botocore.response import StreamingBody
+
+        self.calls.append(("get_object", {"Key": Key, "Range": Range}))
+        obj = self._get(Bucket, Key, "GetObject")
+        data, resp = obj["Body"], self._meta(obj)
+        if Range:
+            first, last = (int(x) for x in Range.removeprefix("bytes=").split("-"))
+            if first >= len(data):
+                raise self.error("InvalidRange", 416, "GetObject")
+            part = data[first:last + 1]
+            resp.update(ContentLength=len(part), ContentRange=f"bytes {first}-{first + len(part) - 1}/{len(data)}")
+            data = part
+        resp["Body"] = StreamingBody(io.BytesIO(data), len(data))
+        return resp
+
+    def head_object(self, *, Bucket: str, Key: str) -> dict[str, Any]:
+        self.calls.append(("head_object", {"Key": Key}))
+        return self._meta(self._get(Bucket, Key, "HeadObject"))
+
+    def delete_object(self, *, Bucket: str, Key: str, IfMatch: str | None = None) -> dict[str, Any]:
+        self.calls.append(("delete_object", {"Key": Key, "IfMatch": IfMatch}))
+        self._check(self.objects.get((Bucket, Key)), IfMatch, None, "DeleteObject")
+        self.objects.pop((Bucket, Key), None)
+        return {}
+
+    def list_objects_v2(self, *, Bucket: str, Prefix: str = "", StartAfter: str = "", MaxKeys: int = 1000,
+                        ContinuationToken: str | None = None) -> dict[str, Any]:
+        self.calls.append(("list_objects_v2", {"Prefix": Prefix, "StartAfter": StartAfter, "MaxKeys": MaxKeys}))
+        after = ContinuationToken or StartAfter
+        keys = sorted(k for b, k in self.objects if b == Bucket and k.startswith(Prefix) and k > after)
+        page = keys[:min(MaxKeys, self.page_size)]
+        contents = [{"Key": k, "Size": len(self.objects[(Bucket, k)]["Body"]),
+                     "ETag": self.objects[(Bucket, k)]["ETag"],
+                     "LastModified": self.objects[(Bucket, k)]["LastModified"]} for k in page]
+        more = len(keys) > len(page)
+        return {"Contents": contents, "IsTruncated": more, **({"NextContinuationToken": page[-1]} if more else {})}
+
+    def generate_presigned_url(self, op: str, *, Params: dict[str, str], ExpiresIn: int) -> str:
+        return f"https://s3.fake/{Params['Bucket']}/{Params['Key']}?op={op}&expires={ExpiresIn}"

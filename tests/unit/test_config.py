@@ -1,4 +1,5 @@
-"""avatarflow.config: the one reader of the environment, and the client that takes explicit values."""
+"""avatarflow.config: the one reader of the environment (no services: AVATARFLOW_HOME points at
+an empty place, or `local_services` is replaced), and the client that takes explicit values."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import pytest
 
 from avatarflow import config
 from avatarflow.client import DEFAULT_BASE_URL, DEFAULT_HISTORY_URL, SegmindClient
-from avatarflow.sources import SourcePolicy, policy_from_env
+from avatarflow.media.policy import SourcePolicy, policy_from_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VARS = ("SEGMIND_API_KEY", "SEGMIND_BASE_URL", "SEGMIND_HISTORY_URL", "AVATARFLOW_BACKEND",
         "AVATARFLOW_S3_BUCKET", "AVATARFLOW_S3_ENDPOINT_URL", "AVATARFLOW_S3_PREFIX", "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AVATARFLOW_HOME")
+        "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION", "AVATARFLOW_HOME", "PREFECT_API_URL",
+        "AVATARFLOW_LEDGER_SINGLE_WORKER", "AVATARFLOW_CREDENTIALS_BLOCKS", "AVATARFLOW_ARCHIVE_BLOCKS")
 
 
 @pytest.fixture
@@ -120,8 +122,10 @@ def test_source_settings_parse_lists(env, tmp_path):
 ])
 def test_bad_source_settings_are_refused(env, var, value):
     env.setenv(var, value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as info:
         config.source_settings()
+    field = var.removeprefix("AVATARFLOW_SOURCES_").lower()
+    assert field in str(info.value) and repr(value) in str(info.value), "the message names the field and value"
 
 
 def test_local_service_hosts_are_loopback_only(env):
@@ -162,3 +166,107 @@ def test_client_refuses_to_send_the_key_over_plain_http(base, history, ok):
             SegmindClient("k", base, history)
         assert "k" != str(info.value) and ("http" in str(info.value))
     SegmindClient("", base if base.startswith("http") else "https://x.example.com")  # no key: nothing to protect
+
+
+# ---- the blocks a flow parameter may name --------------------------------------------------------
+def test_check_block_allows_only_the_operators_names(env):
+    assert config.check_block("credentials", "avatarflow-api") == "avatarflow-api"
+    assert config.check_block("archive", "avatarflow-archive") == "avatarflow-archive"
+    with pytest.raises(config.NotConfigured) as info:
+        config.check_block("archive", "someone-elses-bucket")
+    text = str(info.value)
+    assert "archive_block='someone-elses-bucket' is not allowed" in text
+    assert "allowed: avatarflow-archive" in text and "AVATARFLOW_ARCHIVE_BLOCKS" in text
+    with pytest.raises(config.NotConfigured, match="allowed: avatarflow-api "):
+        config.check_block("credentials", "avatarflow-archive")  # each kind has its own list
+
+
+def test_check_block_reads_a_comma_separated_list_each_call(env):
+    env.setenv("AVATARFLOW_CREDENTIALS_BLOCKS", " team-a , team-b,,")
+    assert config.check_block("credentials", "team-b") == "team-b"
+    with pytest.raises(config.NotConfigured, match="allowed: team-a, team-b "):
+        config.check_block("credentials", "avatarflow-api")
+    env.setenv("AVATARFLOW_CREDENTIALS_BLOCKS", ",")
+    with pytest.raises(config.NotConfigured, match="allowed: none"):
+        config.check_block("credentials", "team-a")
+    with pytest.raises(config.NotConfigured):
+        config.check_block("credentials", "")
+
+
+# ---- the environment -------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("YES", True), ("0", False),
+                                            ("false", False), ("", False)])
+def test_ledger_single_worker_flag(env, value, expected):
+    env.setenv("AVATARFLOW_LEDGER_SINGLE_WORKER", value)
+    assert config.environment().avatarflow_ledger_single_worker is expected
+
+
+def test_a_bad_flag_names_the_variable_and_the_value(env):
+    env.setenv("AVATARFLOW_LEDGER_SINGLE_WORKER", "maybe")
+    with pytest.raises(ValueError) as info:
+        config.environment()
+    assert "avatarflow_ledger_single_worker" in str(info.value) and "'maybe'" in str(info.value)
+
+
+def test_default_backend_follows_the_key_unless_named(env):
+    assert config.default_backend() == "local"
+    env.setenv("SEGMIND_API_KEY", "sk-1")
+    assert config.default_backend() == "segmind"
+    env.setenv("AVATARFLOW_BACKEND", "local")
+    assert config.default_backend() == "local"
+    env.setenv("AVATARFLOW_BACKEND", "")  # empty counts as unset
+    assert config.default_backend() == "segmind"
+
+
+def test_prefect_api_url(env):
+    assert config.prefect_api_url() is None
+    env.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api/")
+    assert config.prefect_api_url() == "http://127.0.0.1:4200/api"
+
+
+def test_local_backend_and_archive_from_the_local_services(env, monkeypatch):
+    services = {"api": {"base_url": "http://127.0.0.1:7001", "api_key": "local-key"},
+                "s3": {"endpoint_url": "http://127.0.0.1:8333", "bucket": "avatarflow", "access_key": "ak",
+                       "secret_key": "sk-local"}}
+    monkeypatch.setattr(config, "local_services", lambda: services)
+    a = config.api_settings()
+    assert (a.backend, a.base_url, a.api_key, a.history_url) == ("local", "http://127.0.0.1:7001", "local-key", None)
+    assert a.expected_seconds == config.LOCAL_EXPECTED_S
+    with pytest.raises(config.NotConfigured, match="needs SEGMIND_API_KEY"):
+        config.api_settings("segmind")  # local services do not stand in for the vendor's key
+    env.setenv("AVATARFLOW_S3_PREFIX", "runs")
+    s = config.archive_settings()
+    assert (s.bucket, s.endpoint_url, s.region, s.access_key, s.secret_key, s.prefix) == (
+        "avatarflow", "http://127.0.0.1:8333", "us-east-1", "ak", "sk-local", "runs")
+    assert "sk-local" not in repr(s) and "local-key" not in repr(a)
+    env.setenv("AVATARFLOW_S3_BUCKET", "real-bucket")
+    assert config.archive_settings().bucket == "real-bucket", "the environment wins over the local services"
+
+
+def test_the_segmind_backend_gets_the_vendors_expected_time(env):
+    from avatarflow.contract import EXPECTED_DURATION_S
+
+    env.setenv("SEGMIND_API_KEY", "sk-1")
+    assert config.api_settings().expected_seconds == EXPECTED_DURATION_S != config.LOCAL_EXPECTED_S
+    assert config.api_settings().client().base_url == DEFAULT_BASE_URL
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("http://Example.com", "example.com:80"),
+    ("https://example.com:8443/x", "example.com:8443"),
+    ("http://[::1]/", "[::1]:80"),
+    ("s3://bucket/key", None),
+    ("", None),
+    (None, None),
+])
+def test_host_port(url, expected):
+    assert config.host_port(url) == expected
+
+
+def test_source_fields_from_a_json_list_and_a_block_name(env, tmp_path):
+    env.setenv("AVATARFLOW_SOURCES_LOCAL_ROOTS", f'["{tmp_path}/x", "{tmp_path}/y/.."]')
+    env.setenv("AVATARFLOW_SOURCES_BLOCK", "ops-policy")
+    s = config.source_settings()
+    assert s.local_roots == [f"{tmp_path}/x", str(tmp_path)] and s.block == "ops-policy"
+    with pytest.raises(ValueError, match="s3_allow entry 's3:///' is not allowed"):
+        config.SourceFields(s3_allow=["s3:///"])
