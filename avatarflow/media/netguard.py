@@ -1,20 +1,5 @@
-"""The network guard: every fetch of user media and calendars over http(s) goes through here.
-
-- http(s) only (plain http only when the policy allows it, or to an allowed host);
-- the host is resolved and EVERY address checked: loopback, private, link-local, CGNAT,
-  multicast, unspecified, reserved and the cloud metadata address are refused (IPv4-mapped,
-  NAT64, 6to4 and Teredo IPv6 forms included); a host that resolves to any refused address is
-  refused;
-- the connection goes to the address that was checked (no second resolution: the URL's host is
-  replaced by the IP, the Host header and the TLS SNI/certificate check keep the name);
-- redirects are followed by hand, at most `max_redirects`, each hop checked again;
-- one total deadline for the whole fetch (DNS, connect, every hop, the body), not per read;
-- the size cap enforced while streaming.
-
-The exceptions are explicit: `service_hosts` (the local backend's own services on loopback,
-exact host:port) and the operator's `allow_hosts`. Refusals are MediaErrors that name the field
-and the rule, never what a server answered beyond its HTTP status, nor any OS error text.
-"""
+"""The network guard: every fetch of user media and calendars over http(s) goes through here,
+so that no untrusted URL reaches an internal address (see Guard for the rules)."""
 
 from __future__ import annotations
 
@@ -28,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from avatarflow.media.errors import MediaError, human_size as _size
+from avatarflow.media.errors import MediaError, too_large
 
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -40,7 +25,23 @@ URL_ALLOWED = "an https:// URL of a public host"
 
 @dataclass(frozen=True)
 class Guard:
-    """What the guard lets through (built from a SourcePolicy)."""
+    """What the guard lets through (built from a SourcePolicy).
+
+    - http(s) only (plain http only when the policy allows it, or to an allowed host);
+    - the host is resolved and EVERY address checked: loopback, private, link-local, CGNAT,
+      multicast, unspecified, reserved and the cloud metadata address are refused (IPv4-mapped,
+      NAT64, 6to4 and Teredo IPv6 forms included); a host that resolves to any refused address is
+      refused;
+    - the connection goes to the address that was checked (no second resolution: the URL's host is
+      replaced by the IP, the Host header and the TLS SNI/certificate check keep the name);
+    - redirects are followed by hand, at most `max_redirects`, each hop checked again;
+    - one total deadline for the whole fetch (DNS, connect, every hop, the body), not per read;
+    - the size cap enforced while streaming.
+
+    The exceptions are explicit: `service_hosts` (the local backend's own services on loopback,
+    exact host:port) and the operator's `allow_hosts`. Refusals are MediaErrors that name the field
+    and the rule, never what a server answered beyond its HTTP status, nor any OS error text.
+    """
 
     allow_http: bool = False
     allow_hosts: tuple[str, ...] = ()      # 'host' (any port) or 'host:port', operator-trusted
@@ -89,10 +90,10 @@ def address_refused(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 
 def _fail(field: str, ref: str, problem: str, *, allowed: str | None = URL_ALLOWED,
           transient: bool = False) -> MediaError:
-    return MediaError(field, problem, value=_display(ref), allowed=allowed, transient=transient)
+    return MediaError(field, problem, value=display_url(ref), allowed=allowed, transient=transient)
 
 
-def _display(ref: str) -> str:
+def display_url(ref: str) -> str:
     """A URL as shown in errors and records: no credentials, query string or fragment (they may
     hold a password or a signature)."""
     try:
@@ -138,7 +139,7 @@ async def _check_hop(url: httpx.URL, ref: str, field: str, guard: Guard, deadlin
         raise _fail(field, ref, "resolves to a loopback address, which is never fetched")
     try:
         addrs = await _resolve(host, port, deadline - time.monotonic())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise _fail(field, ref, "timed out (name resolution)", transient=True) from None
     except (OSError, UnicodeError, ValueError):
         raise _fail(field, ref, "host name does not resolve") from None
@@ -168,7 +169,7 @@ async def afetch(ref: str, *, field: str, guard: Guard, max_bytes: int) -> bytes
     """The body at `ref` (an http(s) URL), at most `max_bytes`, within `guard.timeout_s` in total."""
     try:
         return await asyncio.wait_for(_fetch(ref, field, guard, max_bytes), timeout=guard.timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise _fail(field, ref, f"timed out (the whole fetch may take at most {guard.timeout_s:g} s)",
                     allowed=None, transient=True) from None
 
@@ -217,14 +218,13 @@ async def _fetch(ref: str, field: str, guard: Guard, max_bytes: int) -> bytes:
                                 transient=transient)
                 length = response.headers.get("content-length", "")
                 if length.isdigit() and int(length) > max_bytes:
-                    raise _fail(field, ref, f"is too large ({_size(int(length))})",
-                                allowed=f"at most {_size(max_bytes)}")
+                    raise too_large(field, display_url(ref), int(length), max_bytes)
                 buf = bytearray()
                 try:
                     async for chunk in response.aiter_raw(CHUNK):
                         buf += chunk
                         if len(buf) > max_bytes:
-                            raise _fail(field, ref, "is too large", allowed=f"at most {_size(max_bytes)}")
+                            raise too_large(field, display_url(ref), None, max_bytes)
                 except httpx.TimeoutException:
                     raise _fail(field, ref, "timed out", allowed=None, transient=True) from None
                 except httpx.HTTPError:
