@@ -57,7 +57,8 @@ def parse_records(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
             records.append((n, obj if isinstance(obj, dict) else {"__error__": f"line {n} is not an object"}))
         return records
     reader = csv.DictReader(io.StringIO(text))
-    return [(n, dict(r)) for n, r in enumerate(reader, start=2)]
+    # a row's own line: the reader skips blank lines, and a quoted cell may span lines
+    return [(reader.line_num - sum(str(v).count("\n") for v in r.values()), dict(r)) for r in reader]
 
 
 _INTS, _FLOATS = {"seed"}, {"strength_negative_prompt", "expected_seconds"}
