@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from avatarflow.local.services.common import signal_group
 from tests.fixtures_prefect import pipeline_variables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,16 +69,8 @@ def pipeline_environment(local_api, s3_settings, prefix: str, server, home: Path
 def _stop_worker(worker: subprocess.Popen) -> None:
     """SIGINT twice (a worker sometimes ignores the first signal), then SIGKILL."""
     for sig in (signal.SIGINT, signal.SIGINT, signal.SIGKILL):
-        if worker.poll() is not None:
+        if worker.poll() is not None or not signal_group(worker, sig):
             return
-        try:
-            os.killpg(worker.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            worker.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import random
-import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +41,7 @@ from avatarflow.contract import (
 from avatarflow.fingerprint import random_seed
 from avatarflow.local.server import writer
 from avatarflow.local.server.chaos import Chaos
-from avatarflow.media.fetch import read_source
-from avatarflow.media.policy import SourcePolicy
+from avatarflow.sources import SourcePolicy, read_source
 
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
@@ -321,7 +319,3 @@ class JobQueue:
         for task in list(self._tasks):
             task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def new_key() -> str:
-    return "afl-" + secrets.token_urlsafe(24)

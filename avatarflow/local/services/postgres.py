@@ -235,8 +235,3 @@ def purge_postgres(home: str | os.PathLike[str] | None = None) -> None:
             if d.name in ("postgres",) or d.parent == ROOT_BASE or d.name.startswith("avatarflow-pg-"):
                 shutil.rmtree(d, ignore_errors=True)
         (home_path / STATE_FILE).unlink(missing_ok=True)
-
-
-def postgres_status(home: str | os.PathLike[str] | None = None) -> tuple[PostgresService | None, bool]:
-    current = _state(resolve_home(home))
-    return current, bool(current and current.pid and current.ready())
