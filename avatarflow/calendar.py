@@ -5,7 +5,7 @@ Columns named like the API (`image`, `voice_script`, `audio`, `voice`, `voice_la
 `voice_script` template (`Hello {{ name }}!`), unless it looks like a misspelt parameter
 (`voice_langauge`), which is an error. A bad row is reported with its line and the field, not
 raised: it fails that row, not the batch. `check_sources` also fails, before anything is
-submitted, the rows whose `image` or `audio` the source policy refuses (avatarflow.sources).
+submitted, the rows whose `image` or `audio` the source policy refuses (avatarflow.media.policy).
 The calendar is fetched through the same policy.
 """
 
@@ -57,7 +57,8 @@ def parse_records(text: str, source: str) -> list[tuple[int, dict[str, Any]]]:
             records.append((n, obj if isinstance(obj, dict) else {"__error__": f"line {n} is not an object"}))
         return records
     reader = csv.DictReader(io.StringIO(text))
-    return [(n, dict(r)) for n, r in enumerate(reader, start=2)]
+    # a row's own line: the reader skips blank lines, and a quoted cell may span lines
+    return [(reader.line_num - sum(str(v).count("\n") for v in r.values()), dict(r)) for r in reader]
 
 
 _INTS, _FLOATS = {"seed"}, {"strength_negative_prompt", "expected_seconds"}
@@ -126,11 +127,12 @@ def check_sources(rows: list[Row], base: Path | None = None, *, policy: Any = No
     """Fail (before any submit) the valid rows whose `image` or `audio` the source policy refuses
     outright: a scheme it does not allow, an s3:// URI outside the allowed places, plain http,
     a local path outside the allowed roots or not a readable regular file there. Relative paths
-    are taken from `base` (default: the working directory). `policy`: a sources.SourcePolicy
+    are taken from `base` (default: the working directory). `policy`: a media.policy.SourcePolicy
     (default: the operator's, from the environment)."""
-    from avatarflow import sources
+    from avatarflow.media.fetch import check_reference
+    from avatarflow.media.policy import policy_from_env, scheme_of
 
-    policy = policy if policy is not None else sources.policy_from_env()
+    policy = policy if policy is not None else policy_from_env()
     for row in rows:
         if row.request is None:
             continue
@@ -138,10 +140,10 @@ def check_sources(rows: list[Row], base: Path | None = None, *, policy: Any = No
             ref = getattr(row.request, name)
             if not ref:
                 continue
-            if base is not None and not sources.scheme_of(ref) and not Path(ref).expanduser().is_absolute():
+            if base is not None and not scheme_of(ref) and not Path(ref).expanduser().is_absolute():
                 ref = str(base / ref)
             try:
-                sources.check_reference(ref, field=name, policy=policy)
+                check_reference(ref, field=name, policy=policy)
             except MediaError as e:
                 row.error = f"line {row.line}: {e}"
                 row.request = None
@@ -152,16 +154,17 @@ def check_sources(rows: list[Row], base: Path | None = None, *, policy: Any = No
 def read_calendar(source: str, *, s3_client: Any = None, policy: Any = None) -> list[Row]:
     """Every row of the calendar at `source` (fetched through the source policy: `policy`, default
     the operator's from the environment), each valid or carrying its error."""
-    from avatarflow import sources
+    from avatarflow.media.fetch import read_source
+    from avatarflow.media.policy import display_source, policy_from_env
 
-    policy = policy if policy is not None else sources.policy_from_env()
-    data = sources.read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES,
-                             policy=policy)
+    policy = policy if policy is not None else policy_from_env()
+    data = read_source(source, field="calendar", s3_client=s3_client, max_bytes=MAX_CALENDAR_BYTES,
+                       policy=policy)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise MediaError("calendar", "is not UTF-8 text", value=sources.display_source(source),
-                               allowed="CSV or JSONL") from None
+        raise MediaError("calendar", "is not UTF-8 text", value=display_source(source),
+                         allowed="CSV or JSONL") from None
     return [parse_row(line, raw) for line, raw in parse_records(text, source)]
 
 

@@ -22,9 +22,10 @@ from avatarflow.contract import AUDIO_MAX_BYTES, IMAGE_MAX_BYTES, VOICE_SCRIPT_M
 from avatarflow.errors import AvatarflowError
 from avatarflow.fingerprint import sha256_hex
 from avatarflow.media.audio import check_audio
+from avatarflow.media.fetch import read_source
+from avatarflow.media.policy import SourcePolicy, display_source, resolve_policy
 from avatarflow.media.portrait import Portrait
 from avatarflow.media.portrait import check_portrait as check_portrait_bytes
-from avatarflow.sources import SourcePolicy, display_source, read_source, resolve_policy
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 

@@ -182,8 +182,8 @@ def _put_json(s3: Any, bucket: str, key: str, obj: Any, condition: dict[str, str
         resp = s3.put_object(Bucket=bucket, Key=key, Body=body, ContentType="application/json; charset=utf-8",
                              **condition)
     except ClientError as exc:
-        if condition and _precondition_failed(exc):
-            return None
+        if condition and (_precondition_failed(exc) or ("IfMatch" in condition and s3io.is_not_found(exc))):
+            return None  # lost the race; a replace of a deleted key gets 404 on AWS
         raise
     return str(resp.get("ETag", "")).strip('"')
 

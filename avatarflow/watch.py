@@ -10,15 +10,15 @@ Layout (under the archive's key prefix; ``<w>`` is the watched prefix made a pat
     watch/<w>/claims/<h>.json  one per object version (key + ETag): claimed, emitted or rejected
 
 A scan lists the prefix after the cursor (S3's StartAfter: names sorting after the last handled
-one), and, every ``full_every_s`` (or when asked), the whole prefix against the claims, which
-catches names that sort before the cursor. For each object (not a ``.json``, older than
-``settle_s`` so that its sidecar can land first):
+one), and, every ``full_every_seconds`` (or when asked), the whole prefix against the claims,
+which catches names that sort before the cursor. For each object (not a ``.json``, older than
+``settle_seconds`` so that its sidecar can land first):
 
 1. **claim** it: create its claim document if absent (If-None-Match). Of two watchers racing,
-   one creates it; the other skips the object. A claim still ``claimed`` after ``lease_s`` (its
-   holder died between the claim and the emit) is taken over by replacing it if its ETag is
+   one creates it; the other skips the object. A claim still ``claimed`` after ``lease_seconds``
+   (its holder died between the claim and the emit) is taken over by replacing it if its ETag is
    unchanged: again, one winner.
-2. **check** it: the first bytes (one ranged GET, which also brings the object's metadata) must be
+2. **check** it (avatarflow.uploads): the first bytes (one ranged GET, which also brings the object's metadata) must be
    a supported image (jpeg, png, webp: magic bytes, like the pipeline), and the fields (sidecar
    over metadata) must pass the contract. A non-image, an empty or oversized object, a sidecar
    that is not a JSON object or a field the contract refuses ends here: the claim becomes
@@ -27,9 +27,9 @@ catches names that sort before the cursor. For each object (not a ``.json``, old
    reports it, and the flow leaves it in its artifact and an ``avatarflow.portrait.rejected``
    event. No run is started for it. (A picture without a face passes here and fails its run
    with the portrait error.)
-3. **emit** ``avatarflow.portrait.uploaded`` (the event of :func:`portrait_uploaded_event`:
-   resource and label ``avatarflow.s3_uri``, payload.request the fields), through a call that
-   returns only once the server took it, then mark the claim ``emitted``.
+3. **emit** ``avatarflow.portrait.uploaded`` (resource and label ``avatarflow.s3_uri``,
+   payload.request the fields), through a call that returns only once the server took it, then
+   mark the claim ``emitted``.
 
 Exactly once, also across a crash between 2 and 3: the event's id is derived from the object
 version (the server's trigger service ignores an id it has seen), and a request without a seed
@@ -43,36 +43,33 @@ watcher that loses that race merges (the larger key wins).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from avatarflow.contract import IMAGE_MAX_BYTES
-from avatarflow.media.errors import MediaError
-from avatarflow.media.portrait import IMAGE_ALLOWED, IMAGE_FORMATS
-from avatarflow.media.sniff import sniff
 from avatarflow.store import Store
+from avatarflow.uploads import (
+    SIDECAR_SUFFIX,
+    portrait_uploaded_event,
+    read_upload,
+    version_id,
+)
 
 DEFAULT_PREFIX = "incoming/"
-SIDECAR_SUFFIX = ".json"
 LEASE_S = 120.0
 SETTLE_S = 5.0
 FULL_EVERY_S = 3600.0
 MAX_OBJECTS = 1000
-HEAD_BYTES = 4096
-PORTRAIT_REJECTED = "avatarflow.portrait.rejected"
-_EVENT_NS = uuid.UUID("5b0c3f5e-3f3b-4a52-9a57-6f0d0f4a1d1e")
 
 Emit = Callable[[Any], Awaitable[None]]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(t: datetime) -> str:
@@ -89,27 +86,6 @@ def _when(value: Any) -> datetime | None:
 def watch_id(prefix: str) -> str:
     """The watched prefix as one path segment: ``incoming/`` -> ``incoming``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in prefix.strip("/")) or "_root"
-
-
-def sidecar_key(key: str) -> str:
-    """``incoming/ada.jpg`` -> ``incoming/ada.json``."""
-    head, _, name = key.rpartition("/")
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    return f"{head}/{stem}{SIDECAR_SUFFIX}" if head else f"{stem}{SIDECAR_SUFFIX}"
-
-
-def version_id(bucket: str, key: str, etag: str) -> str:
-    """One object version: sha256 of ``s3://bucket/key`` and its ETag."""
-    return hashlib.sha256(f"s3://{bucket}/{key}\n{etag}".encode()).hexdigest()
-
-
-def derived_seed(version: str) -> int:
-    """The seed of an upload that names none: reproducible, so a second emission is a cache hit."""
-    return int(version[:12], 16) % 1_000_000_000
-
-
-def event_id(version: str) -> uuid.UUID:
-    return uuid.uuid5(_EVENT_NS, version)
 
 
 @dataclass
@@ -173,67 +149,19 @@ def _candidate(key: str, watched: str) -> bool:
     return bool(rest) and not key.endswith("/") and not key.endswith(SIDECAR_SUFFIX)
 
 
-def check_image_head(data: bytes, size: int, uri: str) -> None:
-    """The pipeline's first checks on a portrait (empty, size, magic bytes) on its first bytes:
-    MediaError naming the object when it cannot be a portrait."""
-    if size == 0:
-        raise MediaError("image", "is empty (0 bytes)", value=uri, allowed=IMAGE_ALLOWED)
-    if size > IMAGE_MAX_BYTES:
-        raise MediaError("image", f"is too large ({size} bytes)", value=uri,
-                         allowed=f"at most {IMAGE_MAX_BYTES} bytes")
-    kind = sniff(data)
-    if kind not in IMAGE_FORMATS:
-        raise MediaError("image", f"is not a supported image format (detected: {kind})", value=uri,
-                         allowed=IMAGE_ALLOWED)
-
-
-def request_fields(metadata: dict[str, str], sidecar: dict[str, Any] | None) -> dict[str, Any]:
-    """The request's fields: the object's metadata (x-amz-meta-<field>, ``-`` read as ``_``)
-    for the contract's field names, then the sidecar's over them; never `image` (the object)."""
-    from avatarflow.spec import VideoRequest
-
-    names = set(VideoRequest.model_fields) - {"image"}
-    fields: dict[str, Any] = {}
-    for k, v in (metadata or {}).items():
-        name = k.lower().replace("-", "_")
-        if name in names:
-            fields[name] = v
-    for k, v in (sidecar or {}).items():
-        if k != "image":
-            fields[k] = v
-    return fields
-
-
-def portrait_uploaded_event(s3_uri: str, request: dict[str, Any], version: str) -> Any:
-    """The `avatarflow.portrait.uploaded` event of ``avatarflow emit`` (checked against the
-    contract), with an id and, when none is given, a seed derived from the object version."""
-    from avatarflow.events import portrait_uploaded_event as event_of
-
-    fields = dict(request)
-    if fields.get("seed") in (None, "", -1, "-1"):
-        fields["seed"] = derived_seed(version)
-    event = event_of(s3_uri, fields)
-    return event.model_copy(update={"id": event_id(version)})
-
-
-def rejected_event(uri: str, error: str, version: str) -> Any:
-    from prefect.events import Event
-
-    return Event(event=PORTRAIT_REJECTED, resource={"prefect.resource.id": uri, "avatarflow.s3_uri": uri},
-                 payload={"error": error}, id=uuid.uuid5(_EVENT_NS, "rejected\n" + version))
-
-
 class Watcher:
     """Scans one prefix of the archive bucket; `emit(event)` must return only once the event is
     taken (raise otherwise: the object is listed again next scan)."""
 
     def __init__(self, store: Store, prefix: str = DEFAULT_PREFIX, *, emit: Emit,
-                 lease_s: float = LEASE_S, settle_s: float = SETTLE_S, full_every_s: float = FULL_EVERY_S,
+                 lease_seconds: float = LEASE_S, settle_seconds: float = SETTLE_S,
+                 full_every_seconds: float = FULL_EVERY_S,
                  max_objects: int = MAX_OBJECTS, holder: str | None = None,
                  log: Callable[[str], None] | None = None):
         self.layout = Layout(store, prefix)
         self.store, self.prefix, self.emit = store, prefix, emit
-        self.lease_s, self.settle_s, self.full_every_s = lease_s, settle_s, full_every_s
+        self.lease_seconds, self.settle_seconds = lease_seconds, settle_seconds
+        self.full_every_seconds = full_every_seconds
         self.max_objects = max_objects
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.log = log or (lambda msg: None)
@@ -256,7 +184,7 @@ class Watcher:
         if current.get("state") != "claimed":
             return None
         since = _when(current.get("claimed_at"))
-        if since is not None and _now() - since < timedelta(seconds=self.lease_s):
+        if since is not None and _now() - since < timedelta(seconds=self.lease_seconds):
             return None
         doc["taken_over_from"] = current.get("holder")
         tag = await self.store.replace_json(ck, doc, ctag)  # one of the watchers taking over wins
@@ -289,7 +217,7 @@ class Watcher:
             return True
         tag, doc = claim
         try:
-            fields, error = await self._inspect(key, uri)
+            fields, error = await read_upload(self.store, key)
             if error is None:
                 try:
                     event = portrait_uploaded_event(uri, fields, version)
@@ -318,24 +246,7 @@ class Watcher:
         self.log(f"emitted {event.event} for {uri}")
         return True
 
-    async def _inspect(self, key: str, uri: str) -> tuple[dict[str, Any], str | None]:
-        head = await self.store.read_head(key, HEAD_BYTES)
-        if head is None:
-            return {}, f"image={uri!r}: the object is gone"
-        data, info = head
-        try:
-            check_image_head(data, info["size"], uri)
-        except MediaError as e:  # the pipeline's message, with the whole object name
-            return {}, f"{e.field}={uri!r}: {e.problem}" + (f"; allowed: {e.allowed}" if e.allowed else "")
-        sidecar: dict[str, Any] | None = None
-        side = sidecar_key(key)
-        try:
-            sidecar, _ = await self.store.read_json(side)
-        except (ValueError, UnicodeDecodeError) as e:
-            return {}, f"sidecar {self.store.uri(side)}: not valid JSON ({e})"
-        if sidecar is not None and not isinstance(sidecar, dict):
-            return {}, f"sidecar {self.store.uri(side)}: not a JSON object; allowed: an object of request fields"
-        return request_fields(info.get("metadata") or {}, sidecar), None
+
 
     # --- a scan --------------------------------------------------------------------------------
 
@@ -364,11 +275,11 @@ class Watcher:
 
     async def scan(self, *, full: bool | None = None) -> ScanReport:
         """One pass: list, claim, check, emit; move the cursor. `full`: the whole prefix against
-        the claims (default: when the last full pass is older than `full_every_s`)."""
+        the claims (default: when the last full pass is older than `full_every_seconds`)."""
         cursor, _ = await self._read_cursor()
         if full is None:
             last_full = _when(cursor.get("full_at"))
-            full = last_full is None or _now() - last_full > timedelta(seconds=self.full_every_s)
+            full = last_full is None or _now() - last_full > timedelta(seconds=self.full_every_seconds)
         watched = self.layout.watched
         report = ScanReport(prefix=watched, full=full, cursor_before=cursor.get("after"))
         after = None if full else cursor.get("after")
@@ -377,7 +288,7 @@ class Watcher:
         objs = [o for o in await self.store.list_objects(watched, after=after, limit=limit)
                 if _candidate(o["key"], watched)]
         report.listed = len(objs)
-        settled_before = _now() - timedelta(seconds=self.settle_s)
+        settled_before = _now() - timedelta(seconds=self.settle_seconds)
         contiguous, last_done = True, None
         for obj in objs:
             done = False
@@ -403,17 +314,6 @@ class Watcher:
         return bool(doc) and doc.get("state") == "claimed"
 
 
-async def claims(store: Store, prefix: str = DEFAULT_PREFIX) -> list[dict[str, Any]]:
-    """Every claim document of a watched prefix (for `avatarflow watch --status` and tests)."""
-    layout = Layout(store, prefix)
-    out = []
-    for o in await store.list_objects(layout.claims_prefix, limit=10_000_000):
-        doc, _ = await store.read_json(o["key"])
-        if doc:
-            out.append(doc)
-    return out
-
-
 async def post_event(event: Any) -> None:
     """Send one event to the Prefect server over HTTP (``POST /api/events``): returns once the
     server has taken it (HTTP 204), raises otherwise. (The websocket client of ``emit_event``
@@ -423,7 +323,3 @@ async def post_event(event: Any) -> None:
     async with get_client() as client:
         r = await client._client.post("/events", json=[event.model_dump(mode="json")])
         r.raise_for_status()
-
-
-__all__ = ["Watcher", "ScanReport", "Rejected", "DEFAULT_PREFIX", "claims", "post_event", "sidecar_key",
-           "portrait_uploaded_event", "check_image_head", "request_fields", "PORTRAIT_REJECTED"]

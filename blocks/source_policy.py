@@ -14,7 +14,7 @@ from avatarflow.config import SOURCE_POLICY_BLOCK_TYPE, SourceFields
 
 
 class SourcePolicy(Block):
-    """The source policy of avatarflow's flows (see avatarflow.sources)."""
+    """The source policy of avatarflow's flows (see avatarflow.media.policy)."""
 
     _block_type_name = "Source Policy"
     _block_type_slug = SOURCE_POLICY_BLOCK_TYPE

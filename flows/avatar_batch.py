@@ -46,7 +46,7 @@ from avatarflow import fleet
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
 from avatarflow.inputs import TemplateError
-from avatarflow.sources import display_source, resolve_policy
+from avatarflow.media.policy import display_source, resolve_policy
 from avatarflow.flows.avatar_video import avatar_video, resolve
 
 MANIFEST_COLUMNS = (

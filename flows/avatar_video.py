@@ -18,7 +18,7 @@ from avatarflow.client import PollEvent
 from avatarflow.contract import DEFAULT_VOICE
 from avatarflow.ledger import Ledger
 from avatarflow.pipeline import Archived, Context, VideoResult, make_video
-from avatarflow.sources import display_source
+from avatarflow.media.policy import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 from avatarflow.tasks.steps import TaskSteps

@@ -19,7 +19,7 @@ from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import check_sources, parse_records, parse_row, read_calendar
 from avatarflow.inputs import TemplateError
 from avatarflow.media.errors import MediaError
-from avatarflow.sources import SourcePolicy
+from avatarflow.media.policy import SourcePolicy
 from avatarflow.deploy import limit_slots
 from avatarflow.spec import VideoRequest
 from avatarflow.flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch

@@ -18,9 +18,10 @@ from PIL import Image
 
 from avatarflow.media.audio import check_audio
 from avatarflow.media.errors import MediaError
+from avatarflow.media.fetch import read_source
+from avatarflow.media.policy import SourcePolicy
 from avatarflow.media.portrait import check_portrait
 from avatarflow.media.video import probe_video, thumbnail_jpeg
-from avatarflow.sources import SourcePolicy, read_source
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -10,9 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from avatarflow import netguard, sources
+from avatarflow.media import netguard
 from avatarflow.media.errors import MediaError
-from avatarflow.sources import SourcePolicy, read_source
+from avatarflow.media.fetch import check_reference, read_source
+from avatarflow.media.local_paths import open_under_root
+from avatarflow.media.policy import (
+    SourcePolicy,
+    cli_local_roots,
+    cli_roots,
+    policy_from_env,
+    s3_allowed,
+)
 from tests.http_recorder import Recorder, redirect_to
 
 
@@ -120,20 +128,20 @@ def test_device_files_and_proc_are_refused_even_under_a_root():
 
 def test_open_under_root_walks_without_following_symlinks(tree):
     root, _ = tree
-    fd = sources.open_under_root(str(root), ["sub", "deep.txt"])
+    fd = open_under_root(str(root), ["sub", "deep.txt"])
     assert os.read(fd, 10) == b"deep"
     os.close(fd)
     for parts in (["dirlink", "canary.txt"], ["link-in"], ["..", "canary.txt"], [], ["fifo"]):
         with pytest.raises(OSError):
-            sources.open_under_root(str(root), parts)
+            open_under_root(str(root), parts)
 
 
 def test_cli_roots_widen_only_inside_the_block(tree):
     root, _ = tree
-    assert sources.cli_roots() == ()
-    with sources.cli_local_roots(root):
-        assert str(root) in sources.policy_from_env().local_roots
-    assert sources.cli_roots() == () and sources.policy_from_env().local_roots == ()
+    assert cli_roots() == ()
+    with cli_local_roots(root):
+        assert str(root) in policy_from_env().local_roots
+    assert cli_roots() == () and policy_from_env().local_roots == ()
 
 
 # ---- schemes, data:, s3:// -------------------------------------------------------------------------
@@ -161,9 +169,9 @@ def test_s3_places():
     bad = [("arch", "team/b/x.jpg"), ("arch", "team/a"), ("arch", "team/a/../b/x"), ("arch", "team/a//x"),
            ("other", "team/a/x.jpg"), ("shared", "portraits-evil/x"), ("shared", "x.jpg"), ("arch", "team/a/./x"),
            ("arch", "team/a/x?versionId=1")]
-    assert all(sources.s3_allowed(b, k, p) for b, k in ok)
-    assert not any(sources.s3_allowed(b, k, p) for b, k in bad)
-    assert sources.s3_allowed("arch", "anything/x", SourcePolicy(archive=("arch", "")))
+    assert all(s3_allowed(b, k, p) for b, k in ok)
+    assert not any(s3_allowed(b, k, p) for b, k in bad)
+    assert s3_allowed("arch", "anything/x", SourcePolicy(archive=("arch", "")))
 
 
 def test_s3_reads_only_the_archive_prefix(s3, s3_bucket, s3_prefix):
@@ -319,12 +327,12 @@ def test_fetch_from_inside_an_event_loop(origin):
 def test_check_reference_refuses_without_fetching(tree, canary):
     root, _ = tree
     policy = SourcePolicy(local_roots=(str(root),), archive=("arch", "p"))
-    sources.check_reference(str(root / "ok.txt"), field="image", policy=policy)
-    sources.check_reference("s3://arch/p/x.jpg", field="image", policy=policy)
-    sources.check_reference("https://example.com/x.jpg", field="image", policy=policy)
+    check_reference(str(root / "ok.txt"), field="image", policy=policy)
+    check_reference("s3://arch/p/x.jpg", field="image", policy=policy)
+    check_reference("https://example.com/x.jpg", field="image", policy=policy)
     for ref in ("/etc/passwd", str(root / "fifo"), "s3://arch/q/x.jpg", f"{canary.base}/x", "ftp://x/y"):
         with pytest.raises(MediaError):
-            sources.check_reference(ref, field="image", policy=policy)
+            check_reference(ref, field="image", policy=policy)
     assert canary.hits == []
 
 

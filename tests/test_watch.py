@@ -20,15 +20,26 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import httpx
-import pytest
 
 from avatarflow.store import Store
-from avatarflow.watch import Watcher, claims, derived_seed, sidecar_key, version_id
+from avatarflow.uploads import derived_seed, sidecar_key, version_id
+from avatarflow.watch import Layout, Watcher
 from tests.fixtures_prefect_server import deployed, prefect_server  # noqa: F401
 
 NOT_IMAGE = "is not a supported image format (detected: text)"
 # a seed no other test of the session uses: the local API counts jobs by seed across tests
 SIDECAR_SEED = 4_242_424_242
+
+
+async def claims(store: Store, prefix: str) -> list[dict]:
+    """Every claim document of a watched prefix."""
+    layout = Layout(store, prefix)
+    out = []
+    for o in await store.list_objects(layout.claims_prefix, limit=10_000_000):
+        doc, _ = await store.read_json(o["key"])
+        if doc:
+            out.append(doc)
+    return out
 
 
 class Recorder:
@@ -72,7 +83,7 @@ async def test_racing_watchers_emit_each_portrait_once_and_reject_the_non_image(
     s3.put_object(Bucket=s3_bucket, Key=f"{base}/q.json", Body=json.dumps({"voice": "Nobody"}).encode())
 
     emit = Recorder()
-    watchers = [Watcher(store, "incoming/", emit=emit, settle_s=0) for _ in range(3)]
+    watchers = [Watcher(store, "incoming/", emit=emit, settle_seconds=0) for _ in range(3)]
     reports = await asyncio.gather(*(w.scan(full=False) for w in watchers))
 
     uris = emit.uris()
@@ -110,7 +121,7 @@ async def test_emit_failure_released_stale_claim_taken_over_live_claim_left(s3, 
 
     # the events API fails: the object stays pending and the cursor stays before it
     flaky = Recorder(fail_first=1)
-    w = Watcher(store, "incoming/", emit=flaky, settle_s=0)
+    w = Watcher(store, "incoming/", emit=flaky, settle_seconds=0)
     first = await w.scan(full=False)
     assert first.emitted == [] and first.pending == [f"{base}/a.jpg"] and first.cursor_after is None
     second = await w.scan(full=False)
@@ -118,7 +129,7 @@ async def test_emit_failure_released_stale_claim_taken_over_live_claim_left(s3, 
 
     # a watcher died holding claims: one stale (past the lease), one fresh
     emit = Recorder()
-    w2 = Watcher(store, "incoming/", emit=emit, settle_s=0, lease_s=60)
+    w2 = Watcher(store, "incoming/", emit=emit, settle_seconds=0, lease_seconds=60)
     for name, age in (("stale", 600), ("fresh", 1)):
         key = f"{base}/{name}.jpg"
         _put(s3, s3_bucket, key, portrait_bytes)
@@ -139,7 +150,7 @@ async def test_late_names_settling_objects_and_the_full_scan(s3, s3_bucket, s3_p
     store = _store(s3, s3_bucket, s3_prefix)
     base = f"{s3_prefix}/incoming"
     emit = Recorder()
-    w = Watcher(store, "incoming/", emit=emit, settle_s=0)
+    w = Watcher(store, "incoming/", emit=emit, settle_seconds=0)
     m = _put(s3, s3_bucket, f"{base}/m.jpg", portrait_bytes)
     assert (await w.scan()).emitted == [m]  # the first scan is a full one (no full pass yet)
 
@@ -148,7 +159,7 @@ async def test_late_names_settling_objects_and_the_full_scan(s3, s3_bucket, s3_p
     full = await w.scan(full=True)
     assert full.emitted == [early] and emit.uris() == [m, early]
 
-    slow = Watcher(store, "incoming/", emit=emit, settle_s=3600)  # nothing has settled for an hour
+    slow = Watcher(store, "incoming/", emit=emit, settle_seconds=3600)  # nothing has settled for an hour
     _put(s3, s3_bucket, f"{base}/z.jpg", portrait_bytes)
     r = await slow.scan(full=False)
     assert r.emitted == [] and r.pending == [f"{base}/z.jpg"] and r.cursor_after == f"{base}/m.jpg"

@@ -54,7 +54,7 @@ def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
 def cli_roots(*refs: str | None) -> list[Path]:
     """The local roots the CLI on one's own machine allows for its own run: the working
     directory and the directories of the local files it was given."""
-    from avatarflow.sources import scheme_of
+    from avatarflow.media.policy import scheme_of
 
     roots = [Path.cwd()]
     for ref in refs:
@@ -67,7 +67,7 @@ def cli_roots(*refs: str | None) -> list[Path]:
 def _run_flow(params: dict[str, Any], *, show_progress: bool, local_roots: list[Path] = ()) -> dict[str, Any]:
     """The avatar_video flow in this process; local paths under `local_roots` are allowed for this
     run only (the CLI's own widening of the source policy; never a flow parameter)."""
-    from avatarflow.sources import cli_local_roots
+    from avatarflow.media.policy import cli_local_roots
 
     with cli_local_roots(*local_roots):
         return _run_flow_here(params, show_progress=show_progress)
@@ -194,7 +194,7 @@ def run_batch(calendar: str, *, local_roots: Any = (), **kw: Any) -> dict[str, A
     """The avatar_batch flow, here (Prefect's ephemeral mode, or the server of PREFECT_API_URL).
     `local_roots`: directories whose files the rows may name by path, for this in-process run
     only (the CLI's widening of the source policy; never a flow parameter)."""
-    from avatarflow.sources import cli_local_roots
+    from avatarflow.media.policy import cli_local_roots
 
     flow = load_flow("avatar_batch")
     with cli_local_roots(*local_roots):

@@ -141,3 +141,11 @@ def test_read_calendar_through_the_policy(tmp_path):
     with pytest.raises(MediaError, match="not UTF-8") as info:
         read_calendar(str(latin), policy=policy)
     assert "calendar" in str(info.value)
+
+def test_csv_errors_name_the_rows_line_in_the_file_after_a_blank_line_or_a_multi_line_cell():
+    """csv.DictReader skips blank lines and a quoted cell may span lines: the row's line must be
+    the reader's line_num, not its index + 2, or the error points at the wrong row."""
+    text = 'image,voice_script,seed\na.jpg,Hello.,1\n\nb.jpg,"Two\nlines",2\nc.jpg,Bad seed,x\n'
+    records = parse_records(text, "cal.csv")
+    assert records[0][0] == 2 and records[1][0] in (4, 5) and records[2][0] == 6
+    assert parse_row(*records[2]).error.startswith("line 6: seed='x'")

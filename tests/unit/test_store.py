@@ -254,3 +254,16 @@ async def test_exclusive_holds_one_holder_per_name(monkeypatch):
     order.clear()
     await asyncio.gather(hold("a", "unit-lock-1"), hold("b", "unit-lock-2"))
     assert order[:2] == ["a+", "b+"], "different names do not wait for each other"
+
+
+async def test_replace_json_of_a_key_deleted_meanwhile_answers_none():
+    """AWS answers a PUT with If-Match on a missing key 404 NoSuchKey (not 412): the key changed
+    (it was deleted), so replace_json must answer None as its docstring says, like delete_if_match
+    answers False on a 404, rather than raise ClientError."""
+    s3 = FakeS3()
+    store = Store(s3, "arch", "team")
+    key = store.ledger_key("f" * 64)
+    etag = await store.create_json(key, {"n": 1})
+    assert await store.delete_if_match(key, etag) is True
+    assert await store.replace_json(key, {"n": 2}, etag) is None
+    assert ("arch", key) not in s3.objects, "replace never creates"

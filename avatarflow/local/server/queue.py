@@ -41,7 +41,8 @@ from avatarflow.contract import (
 from avatarflow.fingerprint import random_seed
 from avatarflow.local.server import writer
 from avatarflow.local.server.chaos import Chaos
-from avatarflow.sources import SourcePolicy, read_source
+from avatarflow.media.fetch import read_source
+from avatarflow.media.policy import SourcePolicy
 
 # As the vendor does, the local API fetches the URLs it is given (https, or http: the local S3's
 # presigned URLs are http on loopback); never a local path.
