@@ -1,6 +1,6 @@
 """Knowing when a job is done: API requests per job and the time from COMPLETED to noticed, for
 the vendor SDK's 1-second polling, the fixed schedule avatarflow used before (around a 100 s
-expectation) and the predictive plan (avatarflow.duration), cold and after a warm-up, side by
+expectation) and the predictive plan (avatarflow.poll), cold and after a warm-up, side by
 side in one run against the local API's vendor-like timing mode.
 
     .venv/bin/python -m bench.bench_poll [--jobs 30] [--warmup 5] [--stagger 120] [--seed 1]
@@ -33,12 +33,11 @@ import threading
 import time
 import wave
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
-
-from collections.abc import Iterator
 
 from avatarflow.client import SegmindClient
 from avatarflow.contract import EXPECTED_DURATION_S
@@ -135,10 +134,10 @@ def _kind(method: str, path: str) -> str:
     return "status" if path.endswith("/status") else "result"
 
 
-def fixed_offsets(expected_s: float) -> Iterator[float]:
+def fixed_offsets(expected_seconds: float) -> Iterator[float]:
     """avatarflow's schedule before issue 10, seconds after submit: sparse early, every 2 s
     around the expected end, then growing by half each time up to 15 s."""
-    e = max(expected_s, 1.0)
+    e = max(expected_seconds, 1.0)
     for frac in (0.5, 0.75, 0.9):
         if frac * e >= 2.0:
             yield frac * e

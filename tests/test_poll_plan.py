@@ -455,13 +455,13 @@ def test_vendor_timing_mode_over_http(tmp_path, portrait_bytes):
 
 
 def test_wait_refuses_an_unknown_source_or_schedule_key():
-    """A misspelt or retired keyword (`expected_s`) fails before any request, never silently."""
+    """A misspelt keyword fails before any request, never silently ignored."""
     from avatarflow.client import SegmindClient
 
     async def main():
         async with SegmindClient(base_url="http://127.0.0.1:9") as client:
-            with pytest.raises(TypeError, match="expected_s"):
-                await client.wait("rid", expected_s=1)
+            with pytest.raises(TypeError, match="expected_secs"):
+                await client.wait("rid", expected_secs=1)
             with pytest.raises(ValueError, match="via='records'"):
                 await client.wait("rid", via="records")
 
