@@ -136,7 +136,7 @@ class AvatarRequest(BaseModel):
         default=DEFAULT_NEGATIVE_PROMPT, description="What to avoid in the video."
     )
     strength_negative_prompt: float = Field(
-        default=DEFAULT_STRENGTH_NEGATIVE_PROMPT,
+        default=DEFAULT_STRENGTH_NEGATIVE_PROMPT, ge=STRENGTH_MIN, le=STRENGTH_MAX,
         description=f"Negative-prompt intensity, {STRENGTH_MIN:g} to {STRENGTH_MAX:g}.",
     )
     seed: int | None = Field(

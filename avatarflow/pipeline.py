@@ -4,22 +4,17 @@ chained; a flow hands them `Steps` whose methods are its Prefect tasks."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from pydantic import BaseModel, Field
 
-from avatarflow import media
+from avatarflow import manifest
 from avatarflow.brief import Script, brief_of, write_script
-from avatarflow.client import DOWNLOAD_CHUNK, PollEvent, SegmindClient
+from avatarflow.client import SegmindClient
 from avatarflow.contract import (
     EXPECTED_DURATION_S,
-    MODEL_SLUG,
     AvatarRequest,
     Metrics,
     check_request_id,
@@ -28,14 +23,10 @@ from avatarflow.duration import (
     TYPICAL_CLIP_S,
     DurationModel,
     Prediction,
-    SharedDurationModel,
     Speech,
     fixed_prediction,
     observation,
-    service_name,
-    shared_model,
     speech_of,
-    timing_record,
 )
 from avatarflow.errors import AvatarflowError, JobFailed, NotFound
 from avatarflow.fingerprint import fingerprint, random_seed, sha256_hex
@@ -46,13 +37,12 @@ from avatarflow.inputs import (
     prepare_portrait,
     prepare_speech,
 )
-from avatarflow.ledger import COMPLETED, FAILED, Job, Ledger
-from avatarflow.sources import display_source
+from avatarflow.ledger import FAILED, Job, Ledger
+from avatarflow.manifest import Archived
+from avatarflow.poll import PollEvent
+from avatarflow.shared_duration import SharedDurationModel, service_name, shared_model
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store, exclusive
-
-PRESIGN_EXPIRES_S = 24 * 3600
-THUMBNAIL_AT_S = 0.5
 
 Log = Callable[[str], Any]
 OnStatus = Callable[[PollEvent], Awaitable[None] | None]
@@ -86,17 +76,6 @@ class Finished:
     metrics: dict[str, Any] = field(default_factory=dict)
     via: str = "result"
     waited: dict[str, Any] = field(default_factory=dict)  # polls, noticed_s (submit to noticed)
-
-
-@dataclass(frozen=True)
-class Archived:
-    s3_uri: str
-    manifest_uri: str
-    presigned_url: str
-    thumbnail_url: str | None
-    size: int
-    sha256: str
-    manifest: dict[str, Any]
 
 
 class VideoResult(BaseModel):
@@ -157,10 +136,6 @@ def plan_job(video: VideoRequest, speech: SpeechInput, portrait: PortraitInput) 
     request = video.api_request(portrait.url, speech.audio_url, speech.voice_script, seed)
     fp = fingerprint(request, image_sha256=portrait.sha256, audio_sha256=speech.audio_sha256)
     return Plan(request, fp, seed, seed_random, portrait.sha256, speech.audio_sha256)
-
-
-def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 async def _output_alive(client: SegmindClient, url: str) -> bool:
@@ -247,7 +222,7 @@ async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired:
     ctx.log(f"request {job.request_id}: record expired (404); following it in the request history")
     kwargs, seen = _waiting(ctx, job)
     try:
-        row = await client.wait_history(job.request_id, **kwargs)
+        row = await client.wait(job.request_id, via="history", **kwargs)
     except JobFailed as e:
         await ctx.ledger.mark(plan.fingerprint, FAILED, error=e.error, request_id=job.request_id)
         raise
@@ -268,92 +243,6 @@ async def _wait_history(ctx: Context, plan: Plan, job: Job, *, resubmit_expired:
     return await wait_job(ctx, plan, new_job)
 
 
-def manifest_of(
-    video: VideoRequest, plan: Plan, finished: Finished, stored: Any, probe: media.VideoProbe,
-    *, timings: dict[str, float], backend: str, prediction: Prediction | None = None, script: Script | None = None,
-) -> dict[str, Any]:
-    """Everything about one archived video; no key, no presigned signature. `duration`: the
-    time to COMPLETED predicted before submit against the actual (queue, processing, total, when
-    it was noticed, how many polls)."""
-    return {
-        "model": MODEL_SLUG,
-        "fingerprint": plan.fingerprint,
-        "request_id": finished.request_id,
-        "seed": plan.seed,
-        "seed_random": plan.seed_random,
-        "parameters": plan.request.model_dump(exclude={"image", "audio"}),
-        "inputs": {
-            "image": display_source(video.image), "image_sha256": plan.image_sha256,
-            "audio": display_source(video.audio), "audio_sha256": plan.audio_sha256,
-            "template_fields": video.template_fields, "preset": video.preset,
-        },
-        "video": {
-            "s3_uri": stored.s3_uri, "size": stored.size, "sha256": stored.sha256,
-            "content_type": "video/mp4", "width": probe.width, "height": probe.height,
-            "duration_s": round(probe.duration_s, 3), "video_codec": probe.video_codec,
-            "audio_codec": probe.audio_codec,
-        },
-        "cost": finished.metrics.get("cost"),
-        "metrics": finished.metrics,
-        "output_via": finished.via,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "duration": timing_record(prediction, finished.metrics, finished.waited),
-        "script": script.record() if script else None,
-        "backend": backend,
-        "archived_at": _now_iso(),
-    }
-
-
-async def archive_output(
-    ctx: Context, video: VideoRequest, plan: Plan, finished: Finished, *, timings: dict[str, float]
-) -> Archived:
-    """Stream the output into S3, verify it (size, sha256, the video decodes), add a thumbnail
-    and, last, the manifest that marks the archive complete."""
-    store = ctx.store
-    key = store.video_key(plan.fingerprint)
-    metadata = {"fingerprint": plan.fingerprint, "request-id": finished.request_id,
-                "seed": str(plan.seed), "model": MODEL_SLUG}
-    async with ctx.client.stream_output(finished.output_url) as response:
-        stored = await store.upload_stream(response.aiter_bytes(DOWNLOAD_CHUNK), key, "video/mp4", metadata)
-    seen: dict[str, Any] = {}
-
-    def probe(path: Path) -> media.VideoProbe:
-        seen["probe"] = media.probe_video(path)
-        seen["thumbnail"] = media.thumbnail_jpeg(path, at_s=THUMBNAIL_AT_S)
-        return seen["probe"]
-
-    await store.verify(stored, probe)
-    thumb_key = store.thumbnail_key(plan.fingerprint)
-    await store.put_bytes(thumb_key, seen["thumbnail"], "image/jpeg")
-    manifest = manifest_of(video, plan, finished, stored, seen["probe"], timings=timings, backend=ctx.backend,
-                           prediction=ctx.prediction, script=ctx.script)
-    manifest["thumbnail_s3_uri"] = store.uri(thumb_key)
-    await store.put_json(store.manifest_key(plan.fingerprint), manifest)
-    await ctx.ledger.mark(plan.fingerprint, COMPLETED, request_id=finished.request_id, s3_uri=stored.s3_uri)
-    return await from_cache(store, manifest, plan.fingerprint)
-
-
-async def from_cache(store: Store, manifest: dict[str, Any], fingerprint: str) -> Archived:
-    thumb = manifest.get("thumbnail_s3_uri")
-    return Archived(
-        s3_uri=manifest["video"]["s3_uri"],
-        manifest_uri=store.uri(store.manifest_key(fingerprint)),
-        presigned_url=await store.presign(store.video_key(fingerprint), PRESIGN_EXPIRES_S),
-        thumbnail_url=await store.presign(store.thumbnail_key(fingerprint), PRESIGN_EXPIRES_S) if thumb else None,
-        size=manifest["video"]["size"],
-        sha256=manifest["video"]["sha256"],
-        manifest=manifest,
-    )
-
-
-async def look_up(store: Store, plan: Plan) -> Archived | None:
-    """The archived video of this plan (never for a random seed): manifest, size and checksum."""
-    if plan.seed_random:
-        return None
-    manifest = await store.cached(plan.fingerprint)
-    return None if manifest is None else await from_cache(store, manifest, plan.fingerprint)
-
-
 class Steps:
     """One video's steps. A flow subclasses this to run each step as a Prefect task."""
 
@@ -367,7 +256,7 @@ class Steps:
         return await prepare_portrait(request, ctx.store)
 
     async def look_up(self, ctx: Context, plan: Plan) -> Archived | None:
-        return await look_up(ctx.store, plan)
+        return await manifest.look_up(ctx.store, plan)
 
     async def submit(self, ctx: Context, plan: Plan) -> Job:
         return await ctx.ledger.submit(ctx.client, plan.fingerprint, plan.request, record=plan.record(), log=ctx.log)
@@ -377,7 +266,7 @@ class Steps:
 
     async def archive(self, ctx: Context, request: VideoRequest, plan: Plan, finished: Finished,
                       timings: dict[str, float]) -> Archived:
-        return await archive_output(ctx, request, plan, finished, timings=timings)
+        return await manifest.archive_output(ctx, request, plan, finished, timings=timings)
 
 
 class _Laps:
@@ -457,21 +346,3 @@ async def resume_video(ctx: Context, request_id: str, steps: Steps | None = None
     video = VideoRequest.model_validate({k: v for k, v in body.items() if not (k == "voice_script" and body.get("audio"))})
     job = Job(request_id, submitted_at, resumed=True)
     return await _finish(ctx, steps, video, plan, job, lap, resubmit_expired=False)
-
-
-def download_copy(url: str, dest: Path) -> Path:
-    """A local copy of a (presigned) URL, written beside and renamed into place."""
-    import httpx
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=60) as response:
-            response.raise_for_status()
-            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest

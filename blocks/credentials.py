@@ -1,11 +1,11 @@
-"""SegmindCredentials: the API key (secret) and where the API lives; hands out a client."""
+"""SegmindCredentials: the API key (secret) and where the API lives."""
 
 from __future__ import annotations
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
+from avatarflow.client import DEFAULT_BASE_URL
 from avatarflow.config import ApiSettings
 
 
@@ -25,6 +25,3 @@ class SegmindCredentials(Block):
     def settings(self) -> ApiSettings:
         backend = "segmind" if self.base_url == DEFAULT_BASE_URL else "local"
         return ApiSettings(self.base_url, self.history_url, self.api_key.get_secret_value(), backend)
-
-    def get_client(self) -> SegmindClient:
-        return self.settings().client()

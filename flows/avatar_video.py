@@ -14,10 +14,11 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from avatarflow import config, progress
-from avatarflow.client import PollEvent
 from avatarflow.contract import DEFAULT_VOICE
 from avatarflow.ledger import Ledger
-from avatarflow.pipeline import Archived, Context, VideoResult, make_video
+from avatarflow.manifest import Archived
+from avatarflow.pipeline import Context, VideoResult, make_video
+from avatarflow.poll import PollEvent
 from avatarflow.media.policy import display_source
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store

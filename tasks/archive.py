@@ -6,7 +6,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
+from avatarflow.manifest import Archived
+from avatarflow.pipeline import Context, Finished, Plan, Steps
 from avatarflow.spec import VideoRequest
 from avatarflow.tasks.policy import transient_only
 

@@ -7,7 +7,8 @@ from prefect.states import State
 from avatarflow.brief import Script
 from avatarflow.inputs import PortraitInput, SpeechInput
 from avatarflow.ledger import Job
-from avatarflow.pipeline import Archived, Context, Finished, Plan, Steps
+from avatarflow.manifest import Archived
+from avatarflow.pipeline import Context, Finished, Plan, Steps
 from avatarflow.spec import VideoRequest
 from avatarflow.tasks.archive import archive_task, cache_lookup_task
 from avatarflow.tasks.poll import poll_task

@@ -31,7 +31,7 @@ def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path
     mine.write_bytes(portrait_path.read_bytes())
     out = tmp_path / "copy.mp4"
     r = runner.invoke(app, [
-        "run", "--image", str(mine), "--voice-script", "Hi {{ name }}.", "--field", "name=Ada",
+        "run", "--image", str(mine), "--voice-script", "Hi {{ name }}.", "--template-field", "name=Ada",
         "--voice", "Puck (Male)", "--voice-language", "English (UK)", "--seed", "11",
         "--expected-seconds", "3", "--output", str(out), "--json",
     ])

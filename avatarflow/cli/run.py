@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
+import inspect
 import json
+import os
+import tempfile
 import time
+import types
+import typing
 from datetime import date
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
-from avatarflow import contract
 from avatarflow.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, guard
 from avatarflow.deploy import CONCURRENCY_LIMIT
 
@@ -34,6 +39,26 @@ def print_services(svcs: Any) -> None:
         state = "up" if svcs.api.answering or svcs.api.running else "down"
         typer.echo(f"api  {state:5} {svcs.api.base_url}  pid={svcs.api.pid}")
     typer.echo(f"home {svcs.home}")
+
+
+def download_copy(url: str, dest: Path) -> Path:
+    """A local copy of a (presigned) URL, written beside and renamed into place."""
+    import httpx
+
+    from avatarflow.client import DOWNLOAD_CHUNK
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, httpx.stream("GET", url, timeout=60) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
 
 
 def _result_lines(result: dict[str, Any], local_copy: Path | None) -> str:
@@ -96,60 +121,68 @@ def _run_flow_here(params: dict[str, Any], *, show_progress: bool) -> dict[str, 
             console.print(f"done in {time.monotonic() - started:.1f} s")
 
 
+# the flags of a bool field whose default is False: "--disable-x/--enable-x" reads better than "--no-disable-x"
+_SWITCHES = {"disable_safety_filter": "--disable-safety-filter/--enable-safety-filter",
+             "disable_prompt_upsampling": "--disable-prompt-upsampling/--enable-prompt-upsampling"}
+
+
+def request_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` with an option for each field of the request model, its help the field's
+    description; it receives the options given as `request` (a dict). `template_fields` is given
+    as `--template-field NAME=VALUE` (repeatable)."""
+    from avatarflow.spec import VideoRequest
+
+    fields: list[inspect.Parameter] = []
+    for name, info in VideoRequest.model_fields.items():
+        if name == "template_fields":
+            option = typer.Option([], "--template-field", metavar="NAME=VALUE",
+                                  help=f"Repeatable. {info.description}")
+            fields.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=list[str]))
+            continue
+        kind = [info.annotation]
+        if typing.get_origin(info.annotation) in (typing.Union, types.UnionType):
+            kind = [t for t in typing.get_args(info.annotation) if t is not type(None)]
+        shown = None if info.is_required() or info.default in (None, False) else str(info.default)
+        decls = [_SWITCHES[name]] if name in _SWITCHES else []
+        option = typer.Option(... if info.is_required() else None, *decls, help=info.description,
+                              show_default=shown or False)
+        annotation = kind[0] if info.is_required() else Optional[kind[0]]
+        fields.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "request"]
+
+    @functools.wraps(command)
+    def with_request(**options: Any) -> Any:
+        request = {f.name: options.pop(f.name) for f in fields}
+        pairs = [item.split("=", 1) for item in request.pop("template_fields")]
+        if any(len(pair) != 2 for pair in pairs):
+            bad = next("=".join(pair) for pair in pairs if len(pair) != 2)
+            raise typer.BadParameter(f"--template-field {bad!r} is not NAME=VALUE; allowed: NAME=VALUE")
+        request = {k: v for k, v in request.items() if v is not None}
+        if pairs:
+            request["template_fields"] = dict(pairs)
+        return command(request=request, **options)
+
+    params = fields + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+    with_request.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    with_request.__annotations__ = {p.name: p.annotation for p in params}
+    return with_request
+
+
+@request_options
 def run(
-    image: str = typer.Option(..., help="Portrait: URL, local path, s3:// URI or data: URI."),
-    voice_script: Optional[str] = typer.Option(None, help="Text to speak (a Jinja2 template with --field)."),
-    audio: Optional[str] = typer.Option(None, help="Recording to lip-sync instead of voice_script."),
-    brief: Optional[str] = typer.Option(None, help="What to talk about: an LLM writes the script (instead of --voice-script)."),
-    script_model: Optional[str] = typer.Option(None, help=f"LLM slug that writes the script (default {contract.DEFAULT_SCRIPT_MODEL})."),
-    target_seconds: Optional[float] = typer.Option(None, help="How long the written script should speak, in seconds (default 30)."),
-    tone: Optional[str] = typer.Option(None, help="The written script's tone."),
-    audience: Optional[str] = typer.Option(None, help="Who the written script speaks to."),
-    call_to_action: Optional[str] = typer.Option(None, help="What the written script asks the viewer to do."),
-    voice: Optional[contract.Voice] = typer.Option(None, help="TTS voice."),
-    voice_language: Optional[contract.VoiceLanguage] = typer.Option(None, help="Speech language."),
-    voice_prompt: Optional[str] = typer.Option(None, help="Tone, pace, emotion."),
-    video_prompt: Optional[str] = typer.Option(None, help="Framing, motion, background."),
-    negative_prompt: Optional[str] = typer.Option(None, help="What to avoid."),
-    strength_negative_prompt: Optional[float] = typer.Option(None, help="0 to 4."),
-    resolution: Optional[contract.Resolution] = typer.Option(None, help="720p or 1080p."),
-    seed: Optional[int] = typer.Option(None, help="Reuse a seed to repeat a result (and hit the cache)."),
-    disable_safety_filter: Optional[bool] = typer.Option(None, "--disable-safety-filter/--enable-safety-filter"),
-    disable_prompt_upsampling: Optional[bool] = typer.Option(None, "--disable-prompt-upsampling/--enable-prompt-upsampling"),
-    preset: Optional[str] = typer.Option(None, help="Name of an AvatarPreset block."),
-    field: list[str] = typer.Option([], help="NAME=VALUE for the voice_script template (repeatable)."),
-    expected_seconds: Optional[float] = typer.Option(None, help="Expected processing time (shapes polling)."),
-    resubmit_expired: bool = typer.Option(False, help="Pay for a new job if the old one expired with its output."),
+    request: dict[str, Any],
     backend: Optional[str] = typer.Option(None, help="segmind or local (default: segmind when SEGMIND_API_KEY is set)."),
     output: Optional[Path] = typer.Option(None, help="Also save a local copy of the MP4 here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Make one video, archive it in S3, print where it is."""
-    given = {
-        "image": image, "voice_script": voice_script, "audio": audio, "brief": brief, "script_model": script_model,
-        "target_seconds": target_seconds, "tone": tone, "audience": audience, "call_to_action": call_to_action,
-        "voice": voice,
-        "voice_language": voice_language, "voice_prompt": voice_prompt, "video_prompt": video_prompt,
-        "negative_prompt": negative_prompt, "strength_negative_prompt": strength_negative_prompt,
-        "resolution": resolution, "seed": seed, "disable_safety_filter": disable_safety_filter,
-        "disable_prompt_upsampling": disable_prompt_upsampling, "preset": preset,
-        "expected_seconds": expected_seconds, "resubmit_expired": resubmit_expired or None,
-    }
-    request = {k: v for k, v in given.items() if v is not None}
-    if field:
-        pairs = [f.split("=", 1) for f in field]
-        bad = [f for f, p in zip(field, pairs) if len(p) != 2]
-        if bad:
-            raise typer.BadParameter(f"--field {bad[0]!r} is not NAME=VALUE")
-        request["template_fields"] = dict(pairs)
-    roots = cli_roots(image, audio)
+    roots = cli_roots(request["image"], request.get("audio"))
     _finish(guard(lambda: _run_flow({"request": request, "backend": backend}, show_progress=not as_json,
                                     local_roots=roots)), output, as_json)
 
 
 def _finish(result: dict[str, Any], output: Path | None, as_json: bool) -> None:
-    from avatarflow.pipeline import download_copy
-
     local_copy = download_copy(result["presigned_url"], output) if output else None
     if as_json:
         typer.echo(json.dumps({**result, "local_copy": str(local_copy) if local_copy else None}, indent=2))
