@@ -198,7 +198,7 @@ async def write_script(ctx: Any, brief: Brief) -> Script:
     job = await ctx.ledger.submit(ctx.client, fp, request, record={"kind": "script"}, log=ctx.log)
     try:
         result = await ctx.client.wait(job.request_id, submitted_at=job.submitted_at,
-                                       expected_s=min(LLM_EXPECTED_DURATION_S, ctx.expected_seconds))
+                                       expected_seconds=min(LLM_EXPECTED_DURATION_S, ctx.expected_seconds))
     except JobFailed as e:
         await ctx.ledger.mark(fp, FAILED, error=e.error, request_id=job.request_id)
         raise

@@ -32,12 +32,7 @@ from avatarflow.contract import (
     FINAL_STATUSES,
     MODEL_SLUG,
     AvatarRequest,
-    HistoryRecord,
     LlmRequest,
-    ResultResponse,
-    StatusResponse,
-    SubmitResponse,
-    history_rows,
     parse_request,
 )
 from avatarflow.errors import (
@@ -49,6 +44,13 @@ from avatarflow.errors import (
     TransportError,
 )
 from avatarflow.poll import Poll, Schedule, poll_until
+from avatarflow.responses import (
+    HistoryRecord,
+    ResultResponse,
+    StatusResponse,
+    SubmitResponse,
+    history_rows,
+)
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
 DEFAULT_HISTORY_URL = "https://api.spotprod.segmind.com"

@@ -22,7 +22,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from avatarflow.client import DEFAULT_BASE_URL, SegmindClient, is_loopback_host
+from avatarflow.api_http import is_loopback_host
+from avatarflow.client import DEFAULT_BASE_URL, SegmindClient
 from avatarflow.contract import EXPECTED_DURATION_S
 from avatarflow.errors import AvatarflowError
 

@@ -16,7 +16,6 @@ from avatarflow.client import SegmindClient
 from avatarflow.contract import (
     EXPECTED_DURATION_S,
     AvatarRequest,
-    Metrics,
     check_request_id,
 )
 from avatarflow.duration import (
@@ -40,6 +39,7 @@ from avatarflow.inputs import (
 from avatarflow.ledger import FAILED, Job, Ledger
 from avatarflow.manifest import Archived
 from avatarflow.poll import PollEvent
+from avatarflow.responses import Metrics
 from avatarflow.shared_duration import SharedDurationModel, service_name, shared_model
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store, exclusive

@@ -4,7 +4,7 @@
 
 1. Generates an MP4-like file (an ``ftyp`` box, then random bytes) in a temporary directory.
 2. Serves it from a separate loopback HTTP server process (``http.server``, streamed from disk).
-3. Starts SeaweedFS in a temporary AVATARFLOW_HOME (``avatarflow.local.services.start_s3``).
+3. Starts SeaweedFS in a temporary AVATARFLOW_HOME (``avatarflow.local.services.seaweed.start_s3``).
 4. **streaming**: ``s3io.archive_url`` (httpx stream -> multipart upload), then ``verify``.
 5. **baseline**: reads the whole body into memory first, then uploads it.
 
@@ -33,7 +33,7 @@ import psutil
 
 from avatarflow import s3io
 from avatarflow.s3io import MiB
-from avatarflow.local import services
+from avatarflow.local.services import seaweed, stack
 
 LIMIT_MB = 64
 
@@ -120,7 +120,7 @@ async def run(size_mb: int, part_mb: int) -> int:
         try:
             url = f"http://127.0.0.1:{port}/out.mp4"
             wait_http(url)
-            svc = services.start_s3(home)
+            svc = seaweed.start_s3(home)
             s3 = svc.client()
             bucket = svc.bucket
             async with httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
@@ -158,7 +158,7 @@ async def run(size_mb: int, part_mb: int) -> int:
         finally:
             server.terminate()
             server.wait(10)
-            services.down(home)
+            stack.down(home)
 
     ok = m.growth_mb <= LIMIT_MB
     print(f"part size {part_mb} MiB, {stored.parts} parts")

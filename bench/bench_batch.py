@@ -39,7 +39,7 @@ def main() -> None:
     os.environ["AVATARFLOW_HOME"] = str(home)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["PREFECT_HOME"] = str(home / "prefect-client")
-    from avatarflow.local import services
+    from avatarflow.local.services import stack
 
     calendar = home / "calendar.csv"
     with calendar.open("w", newline="") as f:
@@ -47,9 +47,9 @@ def main() -> None:
         w.writerow(["image", "voice_script", "seed", "expected_seconds"])
         for i in range(args.rows):
             w.writerow([str(ASSET), f"Row {i}.", 10_000 + i, args.expected_seconds])
-    from avatarflow.local.prefect_server import start_prefect, stop_prefect
+    from avatarflow.local.services.prefect_server import start_prefect, stop_prefect
 
-    svcs = services.up()
+    svcs = stack.up()
     os.environ.update(start_prefect().client_env())  # PREFECT_API_URL and PREFECT_API_AUTH_STRING
     name = "bench-api-rate"
     try:
@@ -70,7 +70,7 @@ def main() -> None:
             worker.drain_all(timeout=10)
     finally:
         stop_prefect()
-        services.down()
+        stack.down()
     api_requests = sum(stats["requests"].get(e, 0) for e in API_ENDPOINTS)
     times = stats["api_request_times"]
     print(f"rows {out['rows']}: {out['completed']} completed, {out['failed']} failed, "

@@ -25,11 +25,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["AVATARFLOW_HOME"] = tempfile.mkdtemp(prefix="bench-cache-")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from avatarflow.local import services
+    from avatarflow.local.services import stack
     from avatarflow.spec import VideoRequest
     from avatarflow.flows.avatar_video import avatar_video
 
-    svcs = services.up()
+    svcs = stack.up()
     calls = lambda: sum(httpx.get(f"{svcs.api.base_url}/_local/stats",  # noqa: E731
                                   headers={"x-api-key": svcs.api.api_key}).json()["requests"].values())
     try:
@@ -48,7 +48,7 @@ def main() -> None:
 
         (fresh_s, fresh), repeats, extra_calls = asyncio.run(all_runs())
     finally:
-        services.down()
+        stack.down()
     hit_s = [s for s, _ in repeats]
     assert all(out["cache_hit"] for _, out in repeats)
     print(f"fresh run: {fresh_s:.2f} s flow time (submit, render, poll, archive)")

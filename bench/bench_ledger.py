@@ -26,7 +26,7 @@ from typing import Any
 from avatarflow.contract import AvatarRequest
 from avatarflow.errors import AmbiguousSubmit
 from avatarflow.ledger import Ledger, SubmitUnresolved
-from avatarflow.local import services
+from avatarflow.local.services import seaweed, stack
 from avatarflow.store import Store
 
 FAULTS = ("none", "slow-slot", "slow-answer", "answer-lost", "holder-cancelled")
@@ -135,7 +135,7 @@ async def latency(store: Store, n: int) -> tuple[list[float], list[float]]:
 
 async def main_async(args: argparse.Namespace) -> None:
     home = tempfile.mkdtemp(prefix="avatarflow-bench-ledger-")
-    svc = services.start_s3(home, timeout=60)
+    svc = seaweed.start_s3(home, timeout=60)
     try:
         store = Store(svc.client(), svc.bucket, f"bench-ledger/{uuid.uuid4().hex[:8]}")
         kinds = [FAULTS[i % len(FAULTS)] for i in range(args.trials)]
@@ -152,7 +152,7 @@ async def main_async(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - started
         plain, guarded = await latency(store, args.latency_jobs)
     finally:
-        services.down(home)
+        stack.down(home)
 
     print(f"{args.trials} trials, {args.racers} racing runs each, lease {args.lease} s, real SeaweedFS "
           f"({wall:.0f} s)")

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
 
+from avatarflow.uploads import rejected_event
 from avatarflow.watch import (
     DEFAULT_PREFIX,
     FULL_EVERY_S,
@@ -19,7 +20,6 @@ from avatarflow.watch import (
     SETTLE_S,
     Watcher,
     post_event,
-    rejected_event,
 )
 from avatarflow.flows.avatar_video import resolve_store
 
@@ -43,8 +43,8 @@ async def avatar_watch(
     the next scan (upload the sidecar first)."""
     logger = get_run_logger()
     store = await resolve_store(archive_block)
-    watcher = Watcher(store, prefix, emit=post_event, lease_s=lease_seconds, settle_s=settle_seconds,
-                      full_every_s=full_every_seconds, log=logger.info)
+    watcher = Watcher(store, prefix, emit=post_event, lease_seconds=lease_seconds, settle_seconds=settle_seconds,
+                      full_every_seconds=full_every_seconds, log=logger.info)
     report = await watcher.scan(full=full_scan)
     for r in report.rejected:
         logger.error("rejected %s: %s", r.uri, r.error)

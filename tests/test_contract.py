@@ -2,7 +2,7 @@
 
 import pytest
 
-from avatarflow import contract
+from avatarflow import contract, responses
 from avatarflow.contract import ContractError, parse_request
 
 IMG = "https://example.invalid/p.jpg"
@@ -74,22 +74,22 @@ def test_data_uri_and_audio_accepted():
 
 
 def test_response_models_tolerate_unknown_fields():
-    s = contract.SubmitResponse.model_validate(
+    s = responses.SubmitResponse.model_validate(
         {"request_id": "r1", "status": "QUEUED", "status_url": "u", "response_url": "v", "new": 1}
     )
     assert s.request_id == "r1"
-    res = contract.ResultResponse.model_validate(
+    res = responses.ResultResponse.model_validate(
         {"status": "COMPLETED", "output": "http://o/v.mp4", "metrics": {"cost": 0.1, "gpu": "x"}, "z": 2}
     )
     assert res.output_url == "http://o/v.mp4" and res.metrics.cost == 0.1
-    res2 = contract.ResultResponse.model_validate({"status": "COMPLETED", "video": {"url": "http://o/w.mp4"}})
+    res2 = responses.ResultResponse.model_validate({"status": "COMPLETED", "video": {"url": "http://o/w.mp4"}})
     assert res2.output_url == "http://o/w.mp4"
 
 
 def test_history_rows_are_found_under_any_key():
     row = {"request_id": "a", "model_name": "p-video-avatar", "model_status": "COMPLETED", "extra": 1}
     for body in ({"data": [row]}, {"items": [row]}, [row], {"data": {"results": [row]}}):
-        rows = contract.history_rows(body)
+        rows = responses.history_rows(body)
         assert [r.request_id for r in rows] == ["a"] and rows[0].state == "COMPLETED"
 
 

@@ -13,7 +13,6 @@ import pytest
 
 from avatarflow import s3io, store, verify
 from avatarflow.s3io import ArchiveError, MiB
-from avatarflow.local import services
 
 
 async def _chunks(data: bytes, size: int = 64 * 1024, *, fail_after: int | None = None):
@@ -271,75 +270,6 @@ def test_uri_and_manifest_helpers():
     assert layout.manifest_key("fp") == "team/videos/fp/manifest.json"
     assert layout.video_key("fp") == "team/videos/fp/video.mp4"
     assert store.s3_uri("b", "k/x") == "s3://b/k/x"
-
-
-# --------------------------------------------------------------------------------------------
-# services
-
-
-def test_secrets_not_in_repr(s3_service):
-    assert s3_service.secret_key not in repr(s3_service)
-    api = services.ApiService(base_url="http://127.0.0.1:1", api_key="sekrit-key", pid=None)
-    assert "sekrit-key" not in repr(api)
-    assert "sekrit-key" not in repr(services.Services(home=None, api=api))
-
-
-def test_services_up_status_down_s3_only(tmp_path):
-    home = tmp_path / "home"
-    try:
-        svcs = services.up(home, with_api=False)
-        assert svcs.s3 is not None and svcs.api is None
-        st = services.status(home)
-        assert st.s3.running and st.s3.answering and st.s3.pid == svcs.s3.pid
-        # reuse: a second up returns the same process
-        again = services.up(home, with_api=False)
-        assert again.s3.pid == svcs.s3.pid
-        loaded = services.load_services(home)
-        assert loaded.s3.endpoint_url == svcs.s3.endpoint_url
-        assert (home / "services.json").stat().st_mode & 0o077 == 0
-        client = loaded.s3.client()
-        client.put_object(Bucket=loaded.s3.bucket, Key="k", Body=b"v")
-        first_keys = (svcs.s3.access_key, svcs.s3.secret_key)
-    finally:
-        services.down(home)
-    st = services.status(home)
-    assert not st.s3.running and not st.s3.answering and st.s3.pid is None
-    # a restart keeps credentials and data
-    try:
-        svcs = services.up(home, with_api=False)
-        assert (svcs.s3.access_key, svcs.s3.secret_key) == first_keys
-        client = svcs.s3.client()
-        assert client.get_object(Bucket=svcs.s3.bucket, Key="k")["Body"].read() == b"v"
-    finally:
-        services.down(home)
-
-
-def test_services_up_status_down_with_api(tmp_path):
-    home = tmp_path / "home"
-    try:
-        svcs = services.up(home)
-        assert svcs.api is not None
-        st = services.status(home)
-        assert st.api.running and st.api.answering
-        r = httpx.get(svcs.api.base_url + services.API_HEALTH_PATH, trust_env=False,
-                      headers={"x-api-key": svcs.api.api_key})
-        assert r.status_code == 200
-        assert services.up(home).api.pid == svcs.api.pid
-    finally:
-        services.down(home)
-    st = services.status(home)
-    assert not st.api.running and not st.s3.running
-
-
-def test_status_of_empty_home(tmp_path):
-    st = services.status(tmp_path / "nothing")
-    assert st.s3 is None and st.api is None
-    assert services.load_services(tmp_path / "nothing") is None
-    assert services.down(tmp_path / "nothing").s3 is None
-
-
-def test_unique_prefix(s3_prefix):
-    assert s3_prefix.startswith("tests/") and uuid.UUID  # keeps fixture importable/used
 
 
 def _tiny_mp4() -> bytes:

@@ -16,7 +16,7 @@ import pytest
 from segmind import InferenceFailed, SegmindClient, SegmindError
 from segmind.v2 import AsyncJob
 
-from avatarflow import contract
+from avatarflow import contract, responses
 
 # The example on the vendor's model page, the portrait swapped for a data: URI.
 VENDOR_PAYLOAD = {
@@ -63,7 +63,7 @@ def test_submit_async_wait_and_history(sdk, image, api, monkeypatch):
     row = sdk.generations.get(job.request_id)
     assert row["model_status"] == "COMPLETED" and row["generation_url"] == result["output"]
     page = sdk.generations.history(model_name="p-video-avatar", status="COMPLETED", per_page=100)
-    assert job.request_id in {r.request_id for r in contract.history_rows(page)}
+    assert job.request_id in {r.request_id for r in responses.history_rows(page)}
 
 
 def test_run_sync_returns_a_playable_mp4(sdk, image):
