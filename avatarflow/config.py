@@ -19,7 +19,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from avatarflow.api_http import is_loopback_host
@@ -68,7 +68,17 @@ def check_block(kind: str, name: str) -> str:
 
 def environment() -> Environment:
     """The environment as it is now (read on every call: tests and operators change it)."""
-    return Environment()
+    return _read(Environment, "")
+
+
+def _read(settings: type[BaseSettings], prefix: str) -> Any:
+    """`settings` from the environment; a bad value is NotConfigured naming the variable."""
+    try:
+        return settings()
+    except ValidationError as e:
+        bad = [f"{prefix}{'_'.join(map(str, err['loc'])).upper()}={err.get('input')!r}: "
+               f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+        raise NotConfigured("; ".join(bad)) from None
 
 
 # ---- the source policy's settings --------------------------------------------------------------
@@ -158,7 +168,7 @@ class SourceSettings(SourceFields, BaseSettings):
 
 
 def source_settings() -> SourceSettings:
-    return SourceSettings()
+    return _read(SourceSettings, "AVATARFLOW_SOURCES_")
 
 
 SOURCE_POLICY_BLOCK_TYPE = "source-policy"

@@ -46,9 +46,10 @@ SEED_MIN, SEED_MAX = -1, 999_999_999_999_999
 # not a photo of a face; a recording this large is minutes of lossless audio.
 IMAGE_MAX_BYTES = 20 * 1024 * 1024
 AUDIO_MAX_BYTES = 50 * 1024 * 1024
+AUDIO_MIN_SECONDS, AUDIO_MAX_SECONDS = 0.3, 300.0
 # The vendor states no limit for voice_script. Ours: 5,000 characters, about 800 words, about
 # five minutes of speech at 150 words a minute: as long as the longest audio we accept
-# (media.audio.AUDIO_MAX_SECONDS = 300 s). It caps a template and what it renders to.
+# (AUDIO_MAX_SECONDS). It caps a template and what it renders to.
 VOICE_SCRIPT_MAX_CHARS = 5_000
 EXPECTED_DURATION_S = 100.0  # the vendor page's typical latency (~98 s)
 STRENGTH_MIN, STRENGTH_MAX = 0.0, 4.0
@@ -71,7 +72,7 @@ DEFAULT_SCRIPT_MODEL = "gpt-5.5"
 LLM_SLUG_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,79}$")
 BRIEF_MAX_CHARS = 2_000
 BRIEF_FIELD_MAX_CHARS = 300  # tone, audience, call_to_action
-TARGET_SECONDS_MIN, TARGET_SECONDS_MAX, DEFAULT_TARGET_SECONDS = 5.0, 300.0, 30.0
+TARGET_SECONDS_MIN, TARGET_SECONDS_MAX, DEFAULT_TARGET_SECONDS = 5.0, AUDIO_MAX_SECONDS, 30.0  # a script speaks no longer than a recording may
 # What one script costs at most (a few hundred tokens of a large model), for the batch budget
 # before the answer tells the real cost.
 SCRIPT_COST_ESTIMATE_USD = 0.01

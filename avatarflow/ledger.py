@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from avatarflow.api_http import RETRY_AFTER_MAX_S
 from avatarflow.contract import AvatarRequest
 from avatarflow.errors import (
     AmbiguousSubmit,
@@ -43,7 +44,6 @@ RECONCILE_TRIES = 3
 RECONCILE_INTERVAL_S = 2.0
 RECONCILE_MARGIN_S = 5.0
 SUBMIT_RATE_LIMIT_TRIES = 5
-RATE_LIMIT_WAIT_MAX_S = 120.0
 
 CLAIMED, POSTING, SUBMITTED, COMPLETED, FAILED = "claimed", "posting", "submitted", "completed", "failed"
 HELD = (CLAIMED, POSTING)
@@ -126,7 +126,7 @@ class _Holder:
 
     async def _renew(self) -> None:
         while not self.lost:
-            await asyncio.sleep(self.ledger.lease_s / 3)
+            await asyncio.sleep(self.ledger.lease_seconds / 3)
             try:
                 await self.update()
             except _Lost:
@@ -148,17 +148,17 @@ class Ledger:
     """The exactly-once protocol over a Store's `ledger/` folder (and its request-id index)."""
 
     def __init__(
-        self, store: Store, *, lease_s: float | None = None, follow_interval_s: float | None = None,
-        reconcile_tries: int | None = None, reconcile_interval_s: float | None = None,
+        self, store: Store, *, lease_seconds: float | None = None, follow_interval_seconds: float | None = None,
+        reconcile_tries: int | None = None, reconcile_interval_seconds: float | None = None,
         require_conditional: bool = True, owner: str | None = None, clock: Callable[[], float] = time.time,
     ):
         """Unset timings take the module's constants. `require_conditional=False` lets a single
         worker run on a store that ignores conditional writes (the probe then only warns)."""
         self.store = store
-        self.lease_s = lease_s or LEASE_S
-        self.follow_interval_s = follow_interval_s or FOLLOW_INTERVAL_S
+        self.lease_seconds = lease_seconds or LEASE_S
+        self.follow_interval_seconds = follow_interval_seconds or FOLLOW_INTERVAL_S
         self.reconcile_tries = reconcile_tries or RECONCILE_TRIES
-        self.reconcile_interval_s = reconcile_interval_s or RECONCILE_INTERVAL_S
+        self.reconcile_interval_seconds = reconcile_interval_seconds or RECONCILE_INTERVAL_S
         self.require_conditional = require_conditional
         self.owner = owner or default_owner()
         self.clock = clock
@@ -210,7 +210,7 @@ class Ledger:
         its holder more than two lease times ago (room for clock skew)."""
         first = seen.setdefault(etag, time.monotonic())
         age = self.clock() - float(entry.get("renewed_at") or 0)
-        return time.monotonic() - first >= self.lease_s or age >= 2 * self.lease_s
+        return time.monotonic() - first >= self.lease_seconds or age >= 2 * self.lease_seconds
 
     async def _reconcile(self, client: Any, request: AvatarRequest, since: float, tries: int) -> str | None:
         """The request id of a job posted with this body since `since`, from the history."""
@@ -219,7 +219,7 @@ class Ledger:
             if row is not None:
                 return row.request_id
             if attempt + 1 < tries:
-                await asyncio.sleep(self.reconcile_interval_s)
+                await asyncio.sleep(self.reconcile_interval_seconds)
         return None
 
     async def _index(self, request_id: str, fingerprint: str) -> None:
@@ -245,7 +245,7 @@ class Ledger:
                     return Job(rid, float(entry.get("submitted_at") or self.clock()), resumed=True)
                 if state in HELD:
                     if not self._stale(entry, etag, seen):
-                        await asyncio.sleep(self.follow_interval_s)
+                        await asyncio.sleep(self.follow_interval_seconds)
                         continue
                     if state == POSTING:
                         since = float(entry.get("posting_at") or entry.get("claimed_at") or 0)
@@ -299,7 +299,7 @@ class Ledger:
                         await holder.release()
                         raise
                     await holder.update(state=CLAIMED)
-                    await asyncio.sleep(min(e.retry_after or 2.0**rate_limited, RATE_LIMIT_WAIT_MAX_S))
+                    await asyncio.sleep(min(e.retry_after or 2.0**rate_limited, RETRY_AFTER_MAX_S))
                     await client.take_slot()
                     continue
                 except AmbiguousSubmit as e:

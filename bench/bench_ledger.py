@@ -74,9 +74,9 @@ class CountingApi:
         return Client()
 
 
-async def trial(store: Store, fault: str, racers: int, lease_s: float, use_ledger: bool) -> int:
+async def trial(store: Store, fault: str, racers: int, lease_seconds: float, use_ledger: bool) -> int:
     """One fingerprint raced by `racers` runs under `fault`; the POSTs it cost."""
-    api = CountingApi(history_lag_s=lease_s / 2 if fault == "answer-lost" else 0.0)
+    api = CountingApi(history_lag_s=lease_seconds / 2 if fault == "answer-lost" else 0.0)
     request = AvatarRequest(image="https://example.com/p.jpg", voice_script=uuid.uuid4().hex, seed=1)
     fp = uuid.uuid4().hex
     first_post = asyncio.Event()
@@ -84,22 +84,22 @@ async def trial(store: Store, fault: str, racers: int, lease_s: float, use_ledge
     async def run(i: int) -> None:
         await asyncio.sleep(random.uniform(0, 0.05))
         client = api.client(
-            slot_wait_s=1.5 * lease_s if fault == "slow-slot" and i == 0 else 0.0,
-            answer_delay_s=1.5 * lease_s if fault in ("slow-answer", "holder-cancelled") else 0.0,
+            slot_wait_s=1.5 * lease_seconds if fault == "slow-slot" and i == 0 else 0.0,
+            answer_delay_s=1.5 * lease_seconds if fault in ("slow-answer", "holder-cancelled") else 0.0,
             lose_answer=fault == "answer-lost" and i == 0, on_post=first_post.set,
         )
         if not use_ledger:
             await client.take_slot()
             await client.submit(request)
             return
-        ledger = Ledger(store, lease_s=lease_s, follow_interval_s=0.05, reconcile_tries=2,
-                        reconcile_interval_s=lease_s / 2)
+        ledger = Ledger(store, lease_seconds=lease_seconds, follow_interval_seconds=0.05, reconcile_tries=2,
+                        reconcile_interval_seconds=lease_seconds / 2)
         for _ in range(3):  # a run that ends unresolved is rerun, as a batch rerun would
             try:
                 await ledger.submit(client, fp, request, log=lambda _m: None)
                 return
             except SubmitUnresolved:
-                await asyncio.sleep(lease_s)
+                await asyncio.sleep(lease_seconds)
 
     tasks = [asyncio.ensure_future(run(i)) for i in range(racers)]
     if fault == "holder-cancelled":
@@ -110,7 +110,7 @@ async def trial(store: Store, fault: str, racers: int, lease_s: float, use_ledge
                 break
     await asyncio.gather(*tasks, return_exceptions=True)
     if fault == "holder-cancelled" and use_ledger:  # the dead run's job must be adopted by a rerun
-        await Ledger(store, lease_s=lease_s, follow_interval_s=0.05).submit(
+        await Ledger(store, lease_seconds=lease_seconds, follow_interval_seconds=0.05).submit(
             api.client(), fp, request, log=lambda _m: None)
     return sum(api.posts.values())
 

@@ -21,7 +21,7 @@ async def race(cfg: dict) -> str:
         await asyncio.sleep(cfg["slot_wait_s"])
 
     async with SegmindClient(api_key=cfg["api_key"], base_url=cfg["base_url"], limiter=slot) as client:
-        ledger = Ledger(store, lease_s=cfg["lease_s"], follow_interval_s=0.1, reconcile_interval_s=0.5)
+        ledger = Ledger(store, lease_seconds=cfg["lease_seconds"], follow_interval_seconds=0.1, reconcile_interval_seconds=0.5)
         request = AvatarRequest(image=cfg["image"], voice_script="Race.", seed=cfg["seed"])
         job = await ledger.submit(client, cfg["fingerprint"], request, log=lambda m: print(m, file=sys.stderr))
         return job.request_id

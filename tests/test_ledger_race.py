@@ -26,7 +26,7 @@ def race_config(api, s3_settings, s3_prefix, portrait_bytes):
     def config(**kw) -> dict:
         return {
             **{k: s3_settings[k] for k in ("endpoint_url", "access_key", "secret_key", "bucket")},
-            "prefix": s3_prefix, "base_url": api.base_url, "api_key": api.api_key, "lease_s": LEASE_S,
+            "prefix": s3_prefix, "base_url": api.base_url, "api_key": api.api_key, "lease_seconds": LEASE_S,
             "image": "data:image/jpeg;base64," + base64.b64encode(portrait_bytes).decode(),
             "fingerprint": uuid.uuid4().hex, "seed": 11, "slot_wait_s": 0.0, **kw,
         }

@@ -7,12 +7,10 @@ import hashlib
 import io
 from dataclasses import dataclass, field
 
-from avatarflow.contract import AUDIO_MAX_BYTES
+from avatarflow.contract import AUDIO_MAX_BYTES, AUDIO_MAX_SECONDS, AUDIO_MIN_SECONDS
 from avatarflow.media.errors import MediaError, av_errors
 from avatarflow.media.sniff import checked_kind
 
-AUDIO_MIN_SECONDS = 0.3
-AUDIO_MAX_SECONDS = 300.0
 AUDIO_FORMATS: dict[str, str] = {
     "wav": "audio/wav",
     "mp3": "audio/mpeg",

@@ -122,10 +122,9 @@ def test_source_settings_parse_lists(env, tmp_path):
 ])
 def test_bad_source_settings_are_refused(env, var, value):
     env.setenv(var, value)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(config.NotConfigured) as info:
         config.source_settings()
-    field = var.removeprefix("AVATARFLOW_SOURCES_").lower()
-    assert field in str(info.value) and repr(value) in str(info.value), "the message names the field and value"
+    assert f"{var}={value!r}" in str(info.value), "the message names the variable and its value"
 
 
 def test_local_service_hosts_are_loopback_only(env):
@@ -203,9 +202,9 @@ def test_ledger_single_worker_flag(env, value, expected):
 
 def test_a_bad_flag_names_the_variable_and_the_value(env):
     env.setenv("AVATARFLOW_LEDGER_SINGLE_WORKER", "maybe")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(config.NotConfigured) as info:
         config.environment()
-    assert "avatarflow_ledger_single_worker" in str(info.value) and "'maybe'" in str(info.value)
+    assert "AVATARFLOW_LEDGER_SINGLE_WORKER='maybe'" in str(info.value)
 
 
 def test_default_backend_follows_the_key_unless_named(env):

@@ -22,7 +22,7 @@ FP = fingerprint_of(REQUEST.body())
 
 
 def ledger(store: FakeStore, **kw) -> Ledger:
-    opts = {"lease_s": LEASE, "follow_interval_s": 0.02, "reconcile_tries": 2, "reconcile_interval_s": 0.02}
+    opts = {"lease_seconds": LEASE, "follow_interval_seconds": 0.02, "reconcile_tries": 2, "reconcile_interval_seconds": 0.02}
     return Ledger(store, **{**opts, **kw})
 
 

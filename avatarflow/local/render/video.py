@@ -22,9 +22,8 @@ import numpy as np
 from avatarflow.contract import RESOLUTION_SIZE, AvatarRequest
 from avatarflow.local.render import animate
 from avatarflow.local.render.encode import FPS, EncodeError, VideoWriter
+from avatarflow.media.portrait import IMAGE_MAX_PIXELS
 from avatarflow.safety import ContentBlocked, check_script
-
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 class RenderFailed(Exception):
@@ -49,9 +48,9 @@ def decode_image(image: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(image)) as im:
             w, h = im.size
-            if w * h > MAX_IMAGE_PIXELS:
+            if w * h > IMAGE_MAX_PIXELS:
                 raise RenderFailed(f"image is too large: {w}x{h} pixels "
-                                   f"(at most {MAX_IMAGE_PIXELS:,} pixels)")
+                                   f"(at most {IMAGE_MAX_PIXELS:,} pixels)")
             im = ImageOps.exif_transpose(im)
             rgb = np.asarray(im.convert("RGB"))
     except RenderFailed:
