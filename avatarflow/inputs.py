@@ -24,8 +24,7 @@ from avatarflow.fingerprint import sha256_hex
 from avatarflow.media.audio import check_audio
 from avatarflow.media.fetch import read_source
 from avatarflow.media.policy import SourcePolicy, display_source, resolve_policy
-from avatarflow.media.portrait import Portrait
-from avatarflow.media.portrait import check_portrait as check_portrait_bytes
+from avatarflow.media.portrait import check_portrait
 from avatarflow.spec import VideoRequest
 from avatarflow.store import Store
 
@@ -296,16 +295,11 @@ async def prepare_speech(request: VideoRequest, store: Store, *, policy: SourceP
     )
 
 
-async def check_portrait(request: VideoRequest, store: Store | None, *,
-                         policy: SourcePolicy | None = None) -> Portrait:
-    data = await _read(request.image, "image", store, IMAGE_MAX_BYTES, await _policy(store, policy))
-    return await asyncio.to_thread(check_portrait_bytes, data, source=display_source(request.image))
-
-
 async def prepare_portrait(request: VideoRequest, store: Store, *, policy: SourcePolicy | None = None) -> PortraitInput:
     """Fetch (through the source policy), check (format, size, bomb guard, orientation, a face),
     then stage the portrait."""
-    portrait = await check_portrait(request, store, policy=policy)
+    data = await _read(request.image, "image", store, IMAGE_MAX_BYTES, await _policy(store, policy))
+    portrait = await asyncio.to_thread(check_portrait, data, source=display_source(request.image))
     sha = sha256_hex(portrait.data)
     url = await store.stage(portrait.data, sha, EXTENSIONS[portrait.format], portrait.content_type)
     return PortraitInput(

@@ -11,7 +11,7 @@ from typing import Any
 from avatarflow.contract import IMAGE_MAX_BYTES
 from avatarflow.media.errors import MediaError
 from avatarflow.media.portrait import IMAGE_ALLOWED, IMAGE_FORMATS
-from avatarflow.media.sniff import sniff
+from avatarflow.media.sniff import checked_kind
 from avatarflow.store import Store
 
 SIDECAR_SUFFIX = ".json"
@@ -43,15 +43,10 @@ def event_id(version: str) -> uuid.UUID:
 def check_image_head(data: bytes, size: int, uri: str) -> None:
     """The pipeline's first checks on a portrait (empty, size, magic bytes) on its first bytes:
     MediaError naming the object when it cannot be a portrait."""
-    if size == 0:
-        raise MediaError("image", "is empty (0 bytes)", value=uri, allowed=IMAGE_ALLOWED)
-    if size > IMAGE_MAX_BYTES:
-        raise MediaError("image", f"is too large ({size} bytes)", value=uri,
-                         allowed=f"at most {IMAGE_MAX_BYTES} bytes")
-    kind = sniff(data)
-    if kind not in IMAGE_FORMATS:
-        raise MediaError("image", f"is not a supported image format (detected: {kind})", value=uri,
-                         allowed=IMAGE_ALLOWED)
+    def fail(problem: str, allowed: str) -> MediaError:
+        return MediaError("image", problem, value=uri, allowed=allowed)
+
+    checked_kind(data, fail, IMAGE_MAX_BYTES, IMAGE_FORMATS, "image", IMAGE_ALLOWED, size=size)
 
 
 def request_fields(metadata: dict[str, str], sidecar: dict[str, Any] | None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def test_run_prints_json_and_saves_a_local_copy(api, pipeline_env, portrait_path
     probe = probe_video(out)
     assert probe.has_audio and (probe.width, probe.height) == (1280, 720)
     assert api.api_key not in r.output
-    assert source_policy.cli_roots() == (), "the widening ends with the run"
+    assert source_policy.widened_roots() == (), "the widening ends with the run"
     # the same file as a flow parameter (UI, API, event): refused, nothing submitted
     submits = api.stats()["requests"].get("submit", 0)
     with pytest.raises(MediaError, match="local paths are not allowed"):

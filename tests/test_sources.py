@@ -17,7 +17,7 @@ from avatarflow.media.local_paths import open_under_root
 from avatarflow.media.policy import (
     SourcePolicy,
     cli_local_roots,
-    cli_roots,
+    widened_roots,
     policy_from_env,
     s3_allowed,
 )
@@ -138,10 +138,10 @@ def test_open_under_root_walks_without_following_symlinks(tree):
 
 def test_cli_roots_widen_only_inside_the_block(tree):
     root, _ = tree
-    assert cli_roots() == ()
+    assert widened_roots() == ()
     with cli_local_roots(root):
         assert str(root) in policy_from_env().local_roots
-    assert cli_roots() == () and policy_from_env().local_roots == ()
+    assert widened_roots() == () and policy_from_env().local_roots == ()
 
 
 # ---- schemes, data:, s3:// -------------------------------------------------------------------------

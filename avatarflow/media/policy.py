@@ -106,7 +106,8 @@ def cli_local_roots(*roots: str | os.PathLike) -> Iterator[None]:
             _CLI_ROOTS.remove(entry)
 
 
-def cli_roots() -> tuple[str, ...]:
+def widened_roots() -> tuple[str, ...]:
+    """The local roots the CLI has widened the policy to, while its run lasts."""
     with _CLI_LOCK:
         return tuple(r for entry in _CLI_ROOTS for r in entry)
 
@@ -140,7 +141,7 @@ def _assemble(fields: Any, store: Any) -> SourcePolicy:
         endpoint = getattr(getattr(getattr(store, "s3", None), "meta", None), "endpoint_url", None)
     policy = SourcePolicy.from_fields(fields, archive=archive,
                                       service_hosts=tuple(config.local_service_hosts(endpoint)))
-    extra = cli_roots()
+    extra = widened_roots()
     return policy.with_local_roots(*extra) if extra else policy
 
 

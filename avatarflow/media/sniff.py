@@ -121,13 +121,16 @@ def _mpeg_audio_frames(data: bytes) -> bool:
     return _mpeg_frame_len(data[n:n + 4]) > 0
 
 
-def checked_kind(data: bytes, fail: Any, max_bytes: int, formats: Any, noun: str, allowed: str) -> str:
+def checked_kind(data: bytes, fail: Any, max_bytes: int, formats: Any, noun: str, allowed: str,
+                 size: int | None = None) -> str:
     """The kind of `data` by its magic bytes, after the empty and size checks; the MediaError
-    built by `fail(problem, allowed)` when one of them refuses it."""
-    if not data:
+    built by `fail(problem, allowed)` when one of them refuses it. `size`: the whole object's,
+    when `data` holds only its first bytes."""
+    size = len(data) if size is None else size
+    if not size:
         raise fail("is empty (0 bytes)", allowed)
-    if len(data) > max_bytes:
-        raise fail(f"is too large ({human_size(len(data))})", f"at most {human_size(max_bytes)}")
+    if size > max_bytes:
+        raise fail(f"is too large ({human_size(size)})", f"at most {human_size(max_bytes)}")
     kind = sniff(data)
     if kind not in formats:
         raise fail(f"is not a supported {noun} format (detected: {kind})", allowed)
