@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from typing import Any
 
 CANARY_BODY = b"canary-secret-body"
@@ -55,4 +56,22 @@ def redirect_to(target: str, code: int = 302):
         h.send_header("location", target)
         h.send_header("content-length", "0")
         h.end_headers()
+    return route
+
+
+def trickle(length: int, chunks: int, every_s: float, byte: bytes = b"x"):
+    """A route that promises `length` bytes and sends one byte every `every_s` seconds."""
+
+    def route(h):
+        h.send_response(200)
+        h.send_header("content-length", str(length))
+        h.end_headers()
+        try:
+            for _ in range(chunks):
+                h.wfile.write(byte)
+                h.wfile.flush()
+                time.sleep(every_s)
+        except OSError:
+            pass
+
     return route

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from avatarflow.client import SegmindClient
 from avatarflow.errors import APIError
 from avatarflow.spec import VideoRequest
-from tests.http_recorder import Recorder, redirect_to
+from tests.http_recorder import Recorder, redirect_to, trickle
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY_TEXT = b"CANARY-FILE-CONTENT"
@@ -80,17 +80,7 @@ def _endless(h):
         pass
 
 
-def _trickle(h):
-    h.send_response(200)
-    h.send_header("content-length", "100000")
-    h.end_headers()
-    try:
-        for _ in range(600):
-            h.wfile.write(b"\xff")
-            h.wfile.flush()
-            time.sleep(0.05)
-    except OSError:
-        pass
+_trickle = trickle(100000, 600, 0.05, b"\xff")
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from avatarflow.local.services.common import signal_group
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE_S = 1.5
@@ -74,11 +74,8 @@ def test_a_holder_killed_mid_post_is_adopted_not_reposted(api, race_config, s3, 
             time.sleep(0.1)
         assert jobs(api) == before + 1, "the holder's POST never reached the server"
         assert json.loads(s3.get_object(Bucket=s3_settings["bucket"], Key=key)["Body"].read())["state"] == "posting"
-        os.killpg(holder.pid, signal.SIGKILL)
-        holder.wait(10)
     finally:
-        if holder.poll() is None:
-            os.killpg(holder.pid, signal.SIGKILL)
+        signal_group(holder)  # SIGKILL mid-POST: the machine died
     api.set_faults({"submit_delay": 0})
     ids = {answer(p) for p in [start(cfg) for _ in range(3)]}
     assert jobs(api) == before + 1, "the job the killed holder made must be adopted"

@@ -8,7 +8,6 @@ import io
 import struct
 import threading
 import time
-import wave
 import zlib
 from fractions import Fraction
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from avatarflow.local.render.encode import write_wav
 from avatarflow.media.audio import check_audio
 from avatarflow.media.errors import MediaError
 from avatarflow.media.fetch import read_source
@@ -33,15 +33,11 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def _wav(seconds: float, rate: int = 16000, channels: int = 1) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype("<i2")
+    tone = 0.3 * np.sin(2 * np.pi * 220 * t)
     if channels == 2:
         tone = np.repeat(tone[:, None], 2, axis=1)
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(tone.tobytes())
+    write_wav(buf, tone, rate)
     return buf.getvalue()
 
 

@@ -17,11 +17,11 @@ from avatarflow.media.local_paths import open_under_root
 from avatarflow.media.policy import (
     SourcePolicy,
     cli_local_roots,
-    widened_roots,
     policy_from_env,
     s3_allowed,
+    widened_roots,
 )
-from tests.http_recorder import Recorder, redirect_to
+from tests.http_recorder import Recorder, redirect_to, trickle
 
 
 # ---- servers ---------------------------------------------------------------------------------
@@ -40,17 +40,7 @@ def body(data: bytes, *, length: bool = True):
     return route
 
 
-def slow(h):
-    h.send_response(200)
-    h.send_header("content-length", "1000000")
-    h.end_headers()
-    try:
-        for _ in range(200):
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            time.sleep(0.1)
-    except OSError:
-        pass
+slow = trickle(1000000, 200, 0.1)
 
 
 @pytest.fixture

@@ -225,14 +225,8 @@ def tone(sr: int, seconds: float = 1.0, hz: float = 440.0, channels: int = 1) ->
 
 
 def wav_bytes(sr: int = 16000, channels: int = 2) -> bytes:
-    x = tone(sr, channels=channels)
-    pcm = (x.T * 32767).astype("<i2")
     buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
+    write_wav(buf, tone(sr, channels=channels).T, sr)
     return buf.getvalue()
 
 

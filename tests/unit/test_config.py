@@ -30,6 +30,11 @@ def env(monkeypatch, tmp_path):
     return monkeypatch
 
 
+def set_vars(env, **values: str) -> None:
+    for name, value in values.items():
+        env.setenv(name, value)
+
+
 def test_config_is_the_only_reader_of_the_environment():
     """No other module of the library, the flows, tasks or blocks reads os.environ (the local
     services' launcher passes environments to the processes it starts, and is not counted)."""
@@ -72,11 +77,8 @@ def test_api_settings_from_the_environment(env):
 def test_archive_settings_from_the_environment(env):
     with pytest.raises(config.NotConfigured, match="AVATARFLOW_S3_BUCKET"):
         config.archive_settings()
-    env.setenv("AVATARFLOW_S3_BUCKET", "b1")
-    env.setenv("AVATARFLOW_S3_PREFIX", "team")
-    env.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    env.setenv("AWS_ACCESS_KEY_ID", "AK")
-    env.setenv("AWS_SECRET_ACCESS_KEY", "SK")
+    set_vars(env, AVATARFLOW_S3_BUCKET="b1", AVATARFLOW_S3_PREFIX="team", AWS_DEFAULT_REGION="eu-west-1",
+             AWS_ACCESS_KEY_ID="AK", AWS_SECRET_ACCESS_KEY="SK")
     a = config.archive_settings()
     assert (a.bucket, a.prefix, a.region, a.access_key, a.secret_key, a.endpoint_url) == (
         "b1", "team", "eu-west-1", "AK", "SK", None)
@@ -95,12 +97,10 @@ def test_source_settings_defaults_are_the_safe_ones(env):
 
 
 def test_source_settings_parse_lists(env, tmp_path):
-    env.setenv("AVATARFLOW_SOURCES_LOCAL_ROOTS", f"{tmp_path}/a{os.pathsep}{tmp_path}/b,{tmp_path}/c/../d")
-    env.setenv("AVATARFLOW_SOURCES_S3_ALLOW", "s3://media/, shared/portraits/")
-    env.setenv("AVATARFLOW_SOURCES_ALLOW_HOSTS", "127.0.0.1:8080, Media.Internal")
-    env.setenv("AVATARFLOW_SOURCES_ALLOW_HTTP", "true")
-    env.setenv("AVATARFLOW_SOURCES_FETCH_TIMEOUT_S", "5")
-    env.setenv("AVATARFLOW_SOURCES_MAX_REDIRECTS", "2")
+    set_vars(env, AVATARFLOW_SOURCES_LOCAL_ROOTS=f"{tmp_path}/a{os.pathsep}{tmp_path}/b,{tmp_path}/c/../d",
+             AVATARFLOW_SOURCES_S3_ALLOW="s3://media/, shared/portraits/",
+             AVATARFLOW_SOURCES_ALLOW_HOSTS="127.0.0.1:8080, Media.Internal", AVATARFLOW_SOURCES_ALLOW_HTTP="true",
+             AVATARFLOW_SOURCES_FETCH_TIMEOUT_S="5", AVATARFLOW_SOURCES_MAX_REDIRECTS="2")
     s = config.source_settings()
     assert s.local_roots == [f"{tmp_path}/a", f"{tmp_path}/b", f"{tmp_path}/d"]
     assert s.s3_allow == ["media", "shared/portraits"]

@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import wave
 from pathlib import Path
+from typing import BinaryIO
 from types import TracebackType
 
 import numpy as np
@@ -41,12 +42,12 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
-    """Mono float samples in [-1, 1] -> 16-bit PCM WAV."""
+def write_wav(target: Path | BinaryIO, samples: np.ndarray, sample_rate: int) -> None:
+    """Float samples in [-1, 1], shape (n,) or (n, channels) -> 16-bit PCM WAV at `target`."""
     pcm = np.clip(np.asarray(samples, np.float32), -1.0, 1.0)
     pcm = (pcm * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
+    with wave.open(target if hasattr(target, "write") else str(target), "wb") as w:
+        w.setnchannels(1 if pcm.ndim == 1 else pcm.shape[1])
         w.setsampwidth(2)
         w.setframerate(int(sample_rate))
         w.writeframes(pcm.tobytes())

@@ -27,20 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from avatarflow.local.services.common import (
-    LOOPBACK,
-    ServiceError,
-    free_ports,
-    live_process,
-    locked,
-    log_tail,
-    resolve_home,
-    spawn,
-    stop_group,
-    stored_secret,
-    wait_until,
-    write_private_json,
-)
+from avatarflow.local.services import common
 
 MARKER = "prefect server start"  # in its command line (a bare "prefect" also matches workers: a reused pid)
 STATE_FILE = "prefect.json"
@@ -89,7 +76,7 @@ class PrefectServer:
 
 
 def _auth_string(home: Path) -> str:
-    return stored_secret(home, AUTH_SECRET, lambda: "avatarflow:" + secrets.token_urlsafe(24))
+    return common.stored_secret(home, AUTH_SECRET, lambda: "avatarflow:" + secrets.token_urlsafe(24))
 
 
 def _state(home: Path) -> PrefectServer | None:
@@ -108,7 +95,7 @@ def client_auth(api_url: str, home: str | os.PathLike[str] | None = None) -> str
     the local server's when ``api_url`` is the local server's; else None."""
     if os.environ.get("PREFECT_API_AUTH_STRING"):
         return os.environ["PREFECT_API_AUTH_STRING"]
-    if home is None:  # no resolve_home(): a client of another server creates no home here
+    if home is None:  # no common.resolve_home(): a client of another server creates no home here
         home = os.environ.get("AVATARFLOW_HOME") or Path.cwd() / ".avatarflow"
     current = _state(Path(home).expanduser().resolve())
     if current and current.api_url.rstrip("/") == api_url.rstrip("/"):
@@ -124,12 +111,12 @@ def prefect_env(home: Path, port: int, auth_string: str | None = None,
     drop = ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_AUTH_STRING",
             "PREFECT_SERVER_API_AUTH_STRING")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    origin = f"http://{LOOPBACK}:{port}"
+    origin = f"http://{common.LOOPBACK}:{port}"
     out = {
         **env,
         "PREFECT_HOME": str(home / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_API_HOST": LOOPBACK,
+        "PREFECT_SERVER_API_HOST": common.LOOPBACK,
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_UI_API_URL": f"{origin}/api",
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"{origin},http://localhost:{port}",
@@ -150,32 +137,32 @@ def start_prefect(home: str | os.PathLike[str] | None = None, *, port: int | Non
     first) or, with ``database="sqlite"``, on SQLite; the UI is at `ui_url`. A restart keeps
     the port recorded in the home unless `port` says otherwise (clients keep their URL)."""
     if database not in ("postgresql", "sqlite"):
-        raise ServiceError(f"database={database!r} is not allowed; allowed: postgresql, sqlite")
-    home_path = resolve_home(home)
+        raise common.ServiceError(f"database={database!r} is not allowed; allowed: postgresql, sqlite")
+    home_path = common.resolve_home(home)
     t0 = time.monotonic()
     database_url = None
     if database == "postgresql":
         from avatarflow.local.services.postgres import start_postgres
 
         database_url = start_postgres(home_path).sqlalchemy_url
-    with locked(home_path):
+    with common.locked(home_path):
         auth = _auth_string(home_path)
         current = _state(home_path)
-        if current and current.pid and live_process(current.pid, MARKER) and current.answers() \
+        if current and current.pid and common.live_process(current.pid, MARKER) and current.answers() \
                 and current.refuses_without_auth() and current.database == database:
             return current
-        if current and current.pid and live_process(current.pid, MARKER):  # without auth, or another database
-            stop_group(current.pid, MARKER)
-        p = port or _recorded_port(current) or free_ports(1)[0]
+        if current and current.pid and common.live_process(current.pid, MARKER):  # without auth, or another database
+            common.stop_group(current.pid, MARKER)
+        p = port or _recorded_port(current) or common.free_ports(1)[0]
         log_path = home_path / "logs" / "prefect.log"
-        cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", LOOPBACK, "--port", str(p)]
-        proc = spawn(cmd, log_path, env=prefect_env(home_path, p, auth, database_url), cwd=home_path)
-        server = PrefectServer(f"http://{LOOPBACK}:{p}/api", proc.pid, auth, home_path, database)
-        if not wait_until(server.answers, proc, timeout):
-            stop_group(proc.pid, MARKER)
-            raise ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{log_tail(log_path)}")
+        cmd = [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", common.LOOPBACK, "--port", str(p)]
+        proc = common.spawn(cmd, log_path, env=prefect_env(home_path, p, auth, database_url), cwd=home_path)
+        server = PrefectServer(f"http://{common.LOOPBACK}:{p}/api", proc.pid, auth, home_path, database)
+        if not common.wait_until(server.answers, proc, timeout):
+            common.stop_group(proc.pid, MARKER)
+            raise common.ServiceError(f"the Prefect server did not answer in {timeout:.0f} s; log {log_path}:\n{common.log_tail(log_path)}")
         server.started_s = round(time.monotonic() - t0, 3)
-        write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid,
+        common.write_private_json(home_path / STATE_FILE, {"api_url": server.api_url, "pid": server.pid,
                                                      "database": database, "started_s": server.started_s})
         return server
 
@@ -191,7 +178,7 @@ def _recorded_port(current: PrefectServer | None) -> int | None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # as the server binds: SO_REUSEADDR
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (its old connections in TIME_WAIT)
         try:
-            s.bind((LOOPBACK, port))
+            s.bind((common.LOOPBACK, port))
         except OSError:
             return None
     return port
@@ -200,12 +187,12 @@ def _recorded_port(current: PrefectServer | None) -> int | None:
 def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool = True) -> bool:
     """Stop the server (its whole process group) and, unless ``postgres=False`` (a restart of
     the Prefect server alone), its PostgreSQL; True if a Prefect server was running."""
-    home_path = resolve_home(home)
+    home_path = common.resolve_home(home)
     current = _state(home_path)
     stopped = False
     if current and current.pid:
-        stopped = stop_group(current.pid, MARKER)
-        write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None,
+        stopped = common.stop_group(current.pid, MARKER)
+        common.write_private_json(home_path / STATE_FILE, {"api_url": current.api_url, "pid": None,
                                                      "database": current.database, "started_s": current.started_s})
     if postgres:
         from avatarflow.local.services.postgres import stop_postgres
@@ -215,5 +202,5 @@ def stop_prefect(home: str | os.PathLike[str] | None = None, *, postgres: bool =
 
 
 def prefect_status(home: str | os.PathLike[str] | None = None) -> tuple[PrefectServer | None, bool]:
-    current = _state(resolve_home(home))
-    return current, bool(current and current.pid and live_process(current.pid, MARKER) and current.answers())
+    current = _state(common.resolve_home(home))
+    return current, bool(current and current.pid and common.live_process(current.pid, MARKER) and current.answers())

