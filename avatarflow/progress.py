@@ -1,17 +1,27 @@
-"""Listeners for poll progress in this process (the CLI's progress display subscribes)."""
+"""Poll progress for the code that started a run in this process (the CLI's display): a
+listener set for one context, so concurrent runs never see each other's events."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
-_listeners: list[Callable[[Any], None]] = []
+_listener: ContextVar[Callable[[Any], None] | None] = ContextVar("avatarflow_progress", default=None)
 
 
-def subscribe(listener: Callable[[Any], None]) -> Callable[[], None]:
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
+@contextmanager
+def listening(listener: Callable[[Any], None]) -> Iterator[None]:
+    """While inside, `publish` in this context (and the tasks it starts) calls `listener`."""
+    token = _listener.set(listener)
+    try:
+        yield
+    finally:
+        _listener.reset(token)
 
 
 def publish(event: Any) -> None:
-    for listener in list(_listeners):
+    listener = _listener.get()
+    if listener is not None:
         listener(event)

@@ -7,19 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from avatarflow.flows.avatar_video import avatar_video
 
 from avatarflow.errors import JobFailed
+from avatarflow.local.services.common import signal_group
 from avatarflow.media.errors import MediaError
 from avatarflow.media.video import probe_video
 from avatarflow.spec import VideoRequest
-from avatarflow.flows.avatar_video import avatar_video
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "Hello from the pipeline test."
@@ -195,11 +195,8 @@ def test_run_killed_after_submit_resumes_without_a_second_post(api, pipeline_env
             time.sleep(0.2)
         assert calls(api, "submit") == submits + 1, "the child never submitted"
         time.sleep(1.0)  # the ledger write follows the answer
-        os.killpg(child.pid, signal.SIGKILL)
-        child.wait(10)
     finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
+        signal_group(child)
     api.set_faults({"min_processing_time": 2})
     out = run(image=str(portrait_path), voice_script=SCRIPT, seed=9090, expected_seconds=3)
     assert calls(api, "submit") == submits + 1, "the restarted run must resume, not post again"
@@ -238,13 +235,9 @@ def test_expired_request_with_its_output_gone_needs_the_flag(short_retention_api
 
     import avatarflow.progress as progress
 
-    unsubscribe = progress.subscribe(delete_outputs)
-    try:
-        with pytest.raises(JobExpired, match="resubmit_expired"):
-            run(**{**request_args, "expected_seconds": 6}, seed=707)
-        assert short_retention_api.stats()["requests"]["submit"] == 1
-    finally:
-        unsubscribe()
+    with progress.listening(delete_outputs), pytest.raises(JobExpired, match="resubmit_expired"):
+        run(**{**request_args, "expected_seconds": 6}, seed=707)
+    assert short_retention_api.stats()["requests"]["submit"] == 1
 
 
 def test_run_leaves_artifacts(api, pipeline_env, request_args):
@@ -309,10 +302,11 @@ def test_cache_hit_is_a_cached_state_and_needs_the_videos_checksum(api, pipeline
 
 
 def test_resume_flow_finds_the_ledger_entry_through_the_index(api, pipeline_env, request_args):
+    from avatarflow.flows.avatar_resume import avatar_resume
+
     from avatarflow import config, pipeline
     from avatarflow.ledger import Ledger
     from avatarflow.store import Store
-    from avatarflow.flows.avatar_resume import avatar_resume
 
     class Crash(Exception):
         pass

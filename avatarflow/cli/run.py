@@ -111,13 +111,13 @@ def _run_flow_here(params: dict[str, Any], *, show_progress: bool) -> dict[str, 
     console = Console(stderr=True)
     started = time.monotonic()
     with console.status("preparing...") as status:
-        unsubscribe = progress.subscribe(
-            lambda e: status.update(f"request {e.request_id}: {e.status} after {e.elapsed_s:.0f} s (poll {e.polls})")
-        )
+        def show(e: Any) -> None:
+            status.update(f"request {e.request_id}: {e.status} after {e.elapsed_s:.0f} s (poll {e.polls})")
+
         try:
-            return asyncio.run(flow(request=request, **params))
+            with progress.listening(show):
+                return asyncio.run(flow(request=request, **params))
         finally:
-            unsubscribe()
             console.print(f"done in {time.monotonic() - started:.1f} s")
 
 
