@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install avatarflow into the Python environment of a worker: the wheel, its locked dependencies,
 # and mediapipe without its heavy extras (the local engine's face mesh; see stack notes).
-# Used by deployments/Dockerfile and by tests/test_wheel.py, so the image runs what the test runs.
+# Used by deployments/Dockerfile and by tests/integration/test_wheel.py, so the image runs what the test runs.
 #   scripts/install-worker.sh PYTHON WHEEL [CONSTRAINTS]
 set -euo pipefail
 python=${1:?python executable}

@@ -1,4 +1,4 @@
-"""One racer of tests/test_ledger_race.py: a process that submits one fingerprint through the
+"""One racer of tests/integration/test_ledger_race.py: a process that submits one fingerprint through the
 ledger against the real S3 and the real local API, then prints the request id it got."""
 
 from __future__ import annotations

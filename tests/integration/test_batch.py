@@ -24,7 +24,7 @@ from avatarflow.deploy import limit_slots
 from avatarflow.spec import VideoRequest
 from avatarflow.flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DAY = date(2026, 11, 24)
 COLUMNS = ["image", "voice_script", "voice", "seed", "publish_date", "name"]
 

@@ -27,7 +27,7 @@ import pytest
 from tests.fixtures_api import start_local_api, stop_local_api
 from tests.fixtures_prefect_server import prefect_server  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JSON = {"content-type": "application/json"}
 
 

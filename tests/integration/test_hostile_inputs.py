@@ -38,7 +38,7 @@ from avatarflow.errors import APIError
 from avatarflow.spec import VideoRequest
 from tests.http_recorder import Recorder, redirect_to, trickle
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CANARY_TEXT = b"CANARY-FILE-CONTENT"
 FORBIDDEN_TEXT = ("Errno", "No such file", "Permission denied", "Traceback", "canary-secret", "CANARY-FILE",
                   "internal-secret", "root:x:0:0")

@@ -12,7 +12,7 @@ from avatarflow import contract
 from avatarflow.media.video import probe_video
 from avatarflow.local.render.tts import synthesize
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_makes_a_playable_mp4_as_long_as_the_speech(tmp_path):

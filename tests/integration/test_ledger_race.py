@@ -17,7 +17,7 @@ import pytest
 
 from avatarflow.local.services.common import signal_group
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 1.5
 
 

@@ -21,7 +21,7 @@ from avatarflow.media.errors import MediaError
 from avatarflow.media.video import probe_video
 from avatarflow.spec import VideoRequest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "Hello from the pipeline test."
 
 

@@ -1,4 +1,4 @@
-"""The vendor's SDK (segmind 1.3.0) against the local server, beyond tests/test_vendor_sdk_compat.py:
+"""The vendor's SDK (segmind 1.3.0) against the local server:
 `run` with the vendor page's whole example payload, the v1 `run_sync` bytes, the history namespace
 (its URL is fixed in the SDK, pointed here), FAILED bodies tolerated by `status()`/`result()`, 401
 and 404 surfaced as SegmindError, and the SDK's known weakness: a transient 5xx ends its wait

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = "scripts/install-worker.sh"
 OTHER_PREFECT = "prefect==3.8.7"  # inside the declared range, not the lock's 3.8.8
 
