@@ -257,6 +257,8 @@ class ArchiveSettings:
 class NotConfigured(AvatarflowError, RuntimeError):
     """Neither the environment nor the local services say where something is."""
 
+    bad_input = True
+
 
 def default_backend() -> str:
     """AVATARFLOW_BACKEND, else segmind when SEGMIND_API_KEY is set, else local."""
@@ -269,7 +271,7 @@ def api_settings(backend: str | None = None) -> ApiSettings:
     SEGMIND_API_KEY is set, else local."""
     env = environment()
     key = env.segmind_api_key.get_secret_value()
-    backend = backend or env.avatarflow_backend or ("segmind" if key else "local")
+    backend = backend or default_backend()
     if backend == "segmind":
         if not key:
             raise NotConfigured("backend 'segmind' needs SEGMIND_API_KEY in the environment")

@@ -270,6 +270,8 @@ class LlmRequest(BaseModel):
 class ContractError(AvatarflowError, ValueError):
     """A request that breaks the contract; the message names each field, value and what is allowed."""
 
+    bad_input = True
+
     def __init__(self, message: str, fields: list[str]):
         super().__init__(message)
         self.fields = fields

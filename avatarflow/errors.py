@@ -6,7 +6,10 @@ from typing import Any
 
 
 class AvatarflowError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose. `bad_input`: the request or a setting
+    was refused before anything was made (the CLI's exit code 2; otherwise 1)."""
+
+    bad_input: bool = False
 
 
 class APIError(AvatarflowError):
@@ -36,6 +39,7 @@ class APIError(AvatarflowError):
 
 class BadRequest(APIError):
     status_code = 400
+    bad_input = True
 
 
 class Unauthorized(APIError):

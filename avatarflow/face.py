@@ -80,7 +80,6 @@ MOUTH_LEFT, MOUTH_RIGHT = 61, 291          # outer lip corners (image left, imag
 UPPER_LIP_TOP, LOWER_LIP_BOTTOM = 0, 17    # outer lip, mid-line
 UPPER_LIP_INNER, LOWER_LIP_INNER = 13, 14  # inner lip, mid-line
 CHIN = 152
-FOREHEAD = 10
 NOSE_TIP = 1
 LEFT_EYE_OUTER, LEFT_EYE_INNER = 263, 362
 RIGHT_EYE_OUTER, RIGHT_EYE_INNER = 33, 133

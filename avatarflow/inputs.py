@@ -41,6 +41,8 @@ MAX_INT_BITS = 4_096                          # size of an integer an operator m
 class TemplateError(AvatarflowError, ValueError):
     """voice_script could not be rendered from the row's fields."""
 
+    bad_input = True
+
     field = "voice_script"
 
 

@@ -40,6 +40,8 @@ RULES: tuple[Rule, ...] = (
 class ContentBlocked(AvatarflowError, ValueError):
     """The script matched a blocklist rule; the message is safe to show (no quoted words)."""
 
+    bad_input = True
+
     def __init__(self, rule: str):
         super().__init__(f"content blocked by safety filter: the script matches the "
                          f"'{rule}' rule; rephrase it or set disable_safety_filter=true")

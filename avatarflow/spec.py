@@ -27,7 +27,6 @@ PRESET_FIELDS = (
     "voice", "voice_language", "voice_prompt", "video_prompt", "negative_prompt",
     "strength_negative_prompt", "resolution",
 )
-SOURCE_SCHEMES = ("http://", "https://", "s3://", "file://", "data:")
 
 
 # A source as a flow parameter: Prefect stores at most 512 KiB of parameters a run (its default

@@ -144,8 +144,24 @@ def main(argv: list[str] | None = None) -> None:
         ok = "ok" if r["rtf"] <= target and r["peak_mb"] < 600 else "MISS"
         print(f"{resolution:6} {r['duration_s']:8.2f} {r['frames']:6d} {r['render_s']:8.2f} "
               f"{r['rtf']:6.3f} {target:6.1f} {r['peak_mb']:8.0f}  {ok}")
+    tts_rtf()
     if not a.no_frames:
         save_frames(rows[-1][3])
+
+
+def tts_rtf() -> None:
+    """The TTS alone: synthesis time over speech time for about 20 s of English and of Hindi."""
+    from avatarflow.local.render.tts import synthesize
+
+    texts = {"English (US)": "The quick brown fox jumps over the lazy dog near the river bank. " * 6,
+             "Hindi": "नमस्ते, आज हम नई योजना के बारे में बात करेंगे और आपके सवालों का जवाब देंगे। " * 4}
+    synthesize("warm up", "Zephyr (Female)", "English (US)")
+    print(f"\n{'tts language':14} {'speech s':>8} {'synth s':>8} {'RTF':>7}")
+    for language, text in texts.items():
+        t0 = time.perf_counter()
+        speech = synthesize(text, "Zephyr (Female)", language)
+        took = time.perf_counter() - t0
+        print(f"{language:14} {speech.duration_s:8.2f} {took:8.3f} {took / speech.duration_s:7.4f}")
 
 
 if __name__ == "__main__":

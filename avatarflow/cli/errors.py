@@ -21,23 +21,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 def exit_code(e: BaseException) -> int | None:
     """The exit code an error means; None for an error that is a bug (shown with its traceback)."""
-    from avatarflow.config import NotConfigured
-    from avatarflow.contract import ContractError
-    from avatarflow.errors import APIError, AvatarflowError, BadRequest
-    from avatarflow.media.errors import MediaError
+    from avatarflow.errors import AvatarflowError
 
-    if isinstance(e, MediaError):  # a source out of reach for now is not bad input
-        return EXIT_FAILED if e.transient else EXIT_BAD_INPUT
-    if isinstance(e, BadRequest):  # the API refused the request's fields: nothing was made
+    if isinstance(e, AvatarflowError):  # refused before any submit, or not brought home
+        return EXIT_BAD_INPUT if e.bad_input else EXIT_FAILED
+    if isinstance(e, typer.BadParameter):
         return EXIT_BAD_INPUT
-    if isinstance(e, APIError):
-        return EXIT_FAILED
-    # the contract, a template, the safety filter, a setting: refused before any submit
-    if isinstance(e, (ContractError, NotConfigured, ValueError, typer.BadParameter)):
-        return EXIT_BAD_INPUT
-    if isinstance(e, AvatarflowError):  # deadline, expired request, archive: not brought home
-        return EXIT_FAILED
-    if isinstance(e, (RuntimeError, OSError)):  # a service or the archive out of reach
+    if isinstance(e, OSError):  # this machine: a file the CLI writes, a connection refused
         return EXIT_FAILED
     return None
 

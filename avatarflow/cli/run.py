@@ -209,11 +209,10 @@ def demo(
     backend: Optional[str] = typer.Option(None, help="segmind (needs SEGMIND_API_KEY) or local."),
 ) -> None:
     """Start the local services, run avatar_video on the bundled portrait, print where the MP4 is."""
+    from avatarflow import config
     from avatarflow.local.services import stack
 
-    from avatarflow import config
-
-    chosen = backend or ("segmind" if config.environment().segmind_api_key.get_secret_value() else "local")
+    chosen = backend or config.default_backend()
     typer.echo("starting local S3" + (" and the local API" if chosen == "local" else "") + " ...")
     print_services(stack.up(with_api=chosen == "local"))
     result = guard(lambda: _run_flow(

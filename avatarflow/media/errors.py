@@ -34,6 +34,7 @@ class MediaError(AvatarflowError, ValueError):
 
     def __init__(self, field: str, problem: str, *, value: Any = None, allowed: str | None = None,
                  transient: bool = False):
+        self.bad_input = not transient  # a source out of reach for now is not bad input
         self.field = field
         self.value = None if value is None else shorten(value)
         self.problem = problem

@@ -105,7 +105,15 @@ def test_exit_codes_are_distinct_one_error_handler():
     assert exit_code(BadRequest("voice is not allowed")) == EXIT_BAD_INPUT
     assert exit_code(ContractError("seed=-5 is out of range", ["seed"])) == EXIT_BAD_INPUT
     assert exit_code(NotConfigured("no key")) == EXIT_BAD_INPUT
+    from avatarflow.inputs import TemplateError
+    from avatarflow.local.services.common import ServiceError
+    from avatarflow.safety import ContentBlocked
+
+    assert exit_code(TemplateError("voice_script template: 'name' is undefined")) == EXIT_BAD_INPUT
+    assert exit_code(ContentBlocked("the script matched a blocked term")) == EXIT_BAD_INPUT
+    assert exit_code(ServiceError("SeaweedFS did not start")) == EXIT_FAILED
     assert exit_code(KeyError("a bug")) is None  # a bug keeps its traceback
+    assert exit_code(ValueError("a bug too")) is None  # every error we mean is an AvatarflowError
     with pytest.raises(typer.Exit) as e:
         guard(lambda: (_ for _ in ()).throw(JobFailed("FAILED at the API")))
     assert e.value.exit_code == EXIT_FAILED

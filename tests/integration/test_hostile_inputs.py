@@ -261,10 +261,10 @@ def _local_cases(world: World) -> list[tuple[str, dict, str, str]]:
 
 @pytest.mark.parametrize("case", [c[0] for c in _local_cases(DUMMY)])
 def test_local_paths_through_avatar_video(hostile, case):
+    """A fifo, /dev/zero or /dev/random is refused, never read: reading one would hang the run until
+    the suite's timeout fails it."""
     _, request, field_name, rule = next(c for c in _local_cases(hostile) if c[0] == case)
-    t = time.monotonic()
     _expect_rejected(_video(**_speech(request, "Hello."), seed=1), field_name, rule)
-    assert time.monotonic() - t < 60
 
 
 # ---- 2. schemes the request model refuses -----------------------------------------------------------

@@ -19,6 +19,8 @@ from typing import Any
 
 import psutil
 
+from avatarflow.errors import AvatarflowError
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -26,7 +28,7 @@ SECRETS_FILE = "secrets.json"
 STATE_DIRS = ("", "s3", "s3/data", "logs", "logs/weed", "api")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(AvatarflowError, RuntimeError):
     """A local service could not be started, reached or stopped."""
 
 
