@@ -23,4 +23,6 @@ pytest_plugins = [
     "tests.fixtures_api",
     "tests.fixtures_s3",
     "tests.fixtures_prefect",
+    "tests.hostile_helpers",
+    "tests.client_faults_helpers",
 ]
