@@ -12,6 +12,13 @@ class AvatarflowError(Exception):
     bad_input: bool = False
 
 
+class BadSetting(AvatarflowError, ValueError):
+    """A flag or setting the operator gave is refused; the message names it, its value and what
+    is allowed."""
+
+    bad_input = True
+
+
 class APIError(AvatarflowError):
     """An answer from the API that is not a success."""
 

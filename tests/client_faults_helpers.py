@@ -5,7 +5,6 @@ tests/conftest.py; each of those modules uses fast_backoff for all its tests).""
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import time
 
@@ -19,11 +18,6 @@ from avatarflow.errors import (
 )
 
 RAISED: list[BaseException] = []  # every error these tests catch: checked for the key at the end
-
-
-@pytest.fixture(scope="module")
-def image(portrait_bytes) -> str:
-    return "data:image/jpeg;base64," + base64.b64encode(portrait_bytes).decode()
 
 
 @pytest.fixture

@@ -25,4 +25,5 @@ pytest_plugins = [
     "tests.fixtures_prefect",
     "tests.hostile_helpers",
     "tests.client_faults_helpers",
+    "tests.local_api_helpers",
 ]

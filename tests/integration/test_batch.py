@@ -12,7 +12,6 @@ from datetime import date
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from avatarflow.budget import estimate_cost, plan

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 import threading
-import uuid
 
 import httpx
 import pytest

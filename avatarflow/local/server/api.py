@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from avatarflow.contract import MODEL_SLUG, ContractError, LlmRequest, explain, parse_request
+from avatarflow.errors import BadSetting
 from avatarflow.local.server.chaos import ENDPOINTS, Chaos, Faults, KnobError, Settings, reset_at_header
 from avatarflow.local.server.queue import JobQueue, LocalJob
 
@@ -380,7 +381,7 @@ def check_loopback(host: str) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"host={host!r} is not a loopback address; allowed: 127.0.0.0/8, ::1, localhost")
+        raise BadSetting(f"host={host!r} is not a loopback address; allowed: 127.0.0.0/8, ::1, localhost")
 
 
 def serve(host: str, port: int, config: ServerConfig) -> None:
@@ -388,9 +389,9 @@ def serve(host: str, port: int, config: ServerConfig) -> None:
 
     check_loopback(host)
     if not config.api_keys:
-        raise ValueError("no API key: give --api-key or set AVATARFLOW_LOCAL_API_KEY")
+        raise BadSetting("no API key: give --api-key or set AVATARFLOW_LOCAL_API_KEY")
     if set(config.admin_keys) & set(config.api_keys):
-        raise ValueError("an admin key is also an API key: give the admin key a value of its own")
+        raise BadSetting("an admin key is also an API key: give the admin key a value of its own")
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
 
 

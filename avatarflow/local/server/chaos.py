@@ -34,11 +34,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from avatarflow.errors import BadSetting
+
 ENDPOINTS = ("submit", "status", "result", "history", "files", "sync")
 FAULT_KINDS = ("429", "500", "502", "504", "drop")
 
 
-class KnobError(ValueError):
+class KnobError(BadSetting):
     """A bad fault or setting: ``field`` (e.g. ``status.500``), its value and what is allowed."""
 
     def __init__(self, field: str, value: Any, allowed: str):

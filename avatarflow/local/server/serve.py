@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from avatarflow.errors import BadSetting
+
 
 def fault_settings(
     faults: str | None = None,
@@ -37,26 +39,26 @@ def fault_settings(
             try:
                 text = Path(faults[1:]).read_text()
             except OSError as e:
-                raise ValueError(f"--faults {faults!r}: cannot read the file: {e.strerror or e}") from None
+                raise BadSetting(f"--faults {faults!r}: cannot read the file: {e.strerror or e}") from None
         try:
             body = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"--faults is not valid JSON: {e}") from None
+            raise BadSetting(f"--faults is not valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise ValueError("--faults must be a JSON object")
+            raise BadSetting("--faults must be a JSON object")
     for item in fault or []:
         name, sep, rate = item.partition("=")
         endpoint, dot, kind = name.partition(".")
         if not (sep and dot):
-            raise ValueError(f"--fault {item!r} is not ENDPOINT.KIND=RATE (e.g. status.500=0.1)")
+            raise BadSetting(f"--fault {item!r} is not ENDPOINT.KIND=RATE (e.g. status.500=0.1)")
         if endpoint not in ENDPOINTS:
-            raise ValueError(f"--fault {item!r}: endpoint {endpoint!r} is not allowed; allowed: {', '.join(ENDPOINTS)}")
+            raise BadSetting(f"--fault {item!r}: endpoint {endpoint!r} is not allowed; allowed: {', '.join(ENDPOINTS)}")
         if kind not in FAULT_KINDS:
-            raise ValueError(f"--fault {item!r}: kind {kind!r} is not allowed; allowed: {', '.join(FAULT_KINDS)}")
+            raise BadSetting(f"--fault {item!r}: kind {kind!r} is not allowed; allowed: {', '.join(FAULT_KINDS)}")
         try:
             value = float(rate)
         except ValueError:
-            raise ValueError(f"--fault {item!r}: rate {rate!r} is not a number from 0 to 1") from None
+            raise BadSetting(f"--fault {item!r}: rate {rate!r} is not a number from 0 to 1") from None
         body.setdefault(endpoint, {})[kind] = value
     for key, value in (("fail_rate", fail_rate), ("submit_drop_after_accept", submit_drop_after_accept),
                        ("submit_delay", submit_delay), ("count", fault_count), ("retry_after", retry_after)):
@@ -65,22 +67,22 @@ def fault_settings(
     for endpoint in ENDPOINTS:
         for kind, rate in (body.get(endpoint) or {}).items():
             if kind not in FAULT_KINDS:
-                raise ValueError(f"faults: {endpoint}.{kind} is not a fault; allowed: {', '.join(FAULT_KINDS)}")
+                raise BadSetting(f"faults: {endpoint}.{kind} is not a fault; allowed: {', '.join(FAULT_KINDS)}")
             if not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
-                raise ValueError(f"faults: {endpoint}.{kind}={rate!r} is not a rate from 0 to 1")
+                raise BadSetting(f"faults: {endpoint}.{kind}={rate!r} is not a rate from 0 to 1")
     for key in ("fail_rate", "submit_drop_after_accept"):
         if key in body and not (isinstance(body[key], (int, float)) and 0 <= body[key] <= 1):
-            raise ValueError(f"faults: {key}={body[key]!r} is not a rate from 0 to 1")
+            raise BadSetting(f"faults: {key}={body[key]!r} is not a rate from 0 to 1")
     unknown = sorted(set(body) - set(Faults.model_fields) - set(Settings.model_fields))
     if unknown:
         allowed = ", ".join([*Faults.model_fields, *Settings.model_fields])
-        raise ValueError(f"faults: {', '.join(unknown)} is not a fault knob; allowed: {allowed}")
+        raise BadSetting(f"faults: {', '.join(unknown)} is not a fault knob; allowed: {allowed}")
     try:
         validate_knobs(body)  # the ranges POST /_local/faults enforces
         Faults.model_validate({k: v for k, v in body.items() if k in Faults.model_fields})
         Settings.model_validate({k: v for k, v in body.items() if k in Settings.model_fields})
     except ValueError as e:  # KnobError, pydantic's ValidationError
-        raise ValueError(f"faults: {e}") from None
+        raise BadSetting(f"faults: {e}") from None
     return body
 
 
@@ -99,16 +101,16 @@ def timing_of(mode: str, queue_wait: float, queue_jitter: float, cost_per_second
         except ValueError:
             sep = ""
         if not sep or res.strip() not in costs or not 0 < cost < 1e4:
-            raise ValueError(f"--cost-per-second {item!r} is not allowed; allowed: RES=SECONDS with RES "
+            raise BadSetting(f"--cost-per-second {item!r} is not allowed; allowed: RES=SECONDS with RES "
                              f"one of {', '.join(Timing().cost_per_second)} and SECONDS above 0")
         costs[res.strip()] = cost
     if mode not in ("render", "vendor"):
-        raise ValueError(f"--timing {mode!r} is not allowed; allowed: render, vendor")
+        raise BadSetting(f"--timing {mode!r} is not allowed; allowed: render, vendor")
     try:
         return Timing(mode=mode, queue_wait=queue_wait, queue_jitter=queue_jitter, cost_per_second=costs,
                       jitter=jitter, seed=seed)
     except ValidationError as e:
-        raise ValueError(f"timing: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
+        raise BadSetting(f"timing: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}") from None
 
 
 def serve_local(
