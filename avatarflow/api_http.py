@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from avatarflow.errors import ERRORS_BY_STATUS, APIError, RateLimited, ServerError
+from avatarflow.errors import ERRORS_BY_STATUS, APIError, BadSetting, RateLimited, ServerError
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 BACKOFF_BASE_S = 0.5
@@ -119,9 +119,9 @@ def check_api_url(name: str, url: str, has_key: bool) -> None:
     """An API or history base URL: http(s); the key only over https or http to loopback."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{name}={url!r} is not allowed; allowed: an https:// URL (http:// only to a loopback address)")
+        raise BadSetting(f"{name}={url!r} is not allowed; allowed: an https:// URL (http:// only to a loopback address)")
     if has_key and parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(
+        raise BadSetting(
             f"{name}={url!r}: the API key is not sent over plain http to a non-loopback host; "
             "allowed: https://, or http:// to a loopback address (127.0.0.1, ::1, localhost)")
 

@@ -22,6 +22,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from avatarflow.errors import AvatarflowError
+
 WORK_POOL = "avatarflow-process"
 CONCURRENCY_LIMIT = "avatarflow-api"
 REQUESTS_PER_MINUTE = 50
@@ -34,7 +36,7 @@ MISSED_HEARTBEATS = 3
 PREFECT_FILE = Path(str(importlib.resources.files("avatarflow.deployments") / "prefect.yaml"))
 
 
-class DeployError(RuntimeError):
+class DeployError(AvatarflowError, RuntimeError):
     """The Prefect set-up did not come out as asked."""
 
 
