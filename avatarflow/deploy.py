@@ -25,6 +25,13 @@ from typing import Any
 WORK_POOL = "avatarflow-process"
 CONCURRENCY_LIMIT = "avatarflow-api"
 REQUESTS_PER_MINUTE = 50
+# The limit counts in hundredths of a request: Prefect keeps a limit's taken slots as a whole
+# number and, at every update (a request let through or denied), subtracts floor(decay x seconds
+# since the last update); what is below one slot is lost. With one slot a request and requests
+# coming faster than one per 1/decay seconds (many processes asking), nearly all the decay was
+# lost: 120/min let through 66/min (tests/test_rate_limit_fleet.py). In hundredths, an update
+# loses less than a hundredth of a request.
+SLOTS_PER_REQUEST = 100
 CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
 PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
 PENDING_S = 120  # a worker that took a run starts it within seconds
@@ -83,26 +90,30 @@ def limit_slots(requests_per_minute: int, burst: int | None = None) -> tuple[int
 
 async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUTE, burst: int | None = None,
                                    name: str = CONCURRENCY_LIMIT) -> dict[str, Any]:
-    """Create or update the global concurrency limit `name` with slot decay; read back."""
+    """Create or update the global concurrency limit `name` with slot decay; read back. On the
+    server it counts SLOTS_PER_REQUEST slots a request (limit and decay scaled); the answer is in
+    requests (limit: the burst, slot_decay_per_second: requests a second)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
     from prefect.exceptions import ObjectNotFound
 
     limit, decay = limit_slots(requests_per_minute, burst)
+    slots, slots_decay = limit * SLOTS_PER_REQUEST, decay * SLOTS_PER_REQUEST
     async with get_client() as client:
         try:
             await client.read_global_concurrency_limit_by_name(name)
             await client.update_global_concurrency_limit(
-                name, GlobalConcurrencyLimitUpdate(limit=limit, slot_decay_per_second=decay, active=True))
+                name, GlobalConcurrencyLimitUpdate(limit=slots, slot_decay_per_second=slots_decay, active=True))
         except ObjectNotFound:
             await client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=name, limit=limit, slot_decay_per_second=decay, active=True))
+                GlobalConcurrencyLimitCreate(name=name, limit=slots, slot_decay_per_second=slots_decay, active=True))
         got = await client.read_global_concurrency_limit_by_name(name)
-    if got.limit != limit or abs((got.slot_decay_per_second or 0) - decay) > 1e-9:
+    if got.limit != slots or abs((got.slot_decay_per_second or 0) - slots_decay) > 1e-6:
         raise DeployError(f"concurrency limit {name}: the server has limit={got.limit}, decay="
-                          f"{got.slot_decay_per_second}; asked limit={limit}, decay={decay}")
-    return {"name": got.name, "limit": got.limit, "slot_decay_per_second": got.slot_decay_per_second,
-            "requests_per_minute": requests_per_minute}
+                          f"{got.slot_decay_per_second}; asked limit={slots}, decay={slots_decay}")
+    return {"name": got.name, "limit": got.limit // SLOTS_PER_REQUEST,
+            "slot_decay_per_second": (got.slot_decay_per_second or 0) / SLOTS_PER_REQUEST,
+            "slots_per_request": SLOTS_PER_REQUEST, "requests_per_minute": requests_per_minute}
 
 
 async def ensure_work_pool(name: str = WORK_POOL) -> bool:
@@ -267,7 +278,8 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
         out["limit"] = await ensure_concurrency_limit(requests_per_minute, burst)
         lim = out["limit"]
         log(f"limit       {lim['name']}: {lim['requests_per_minute']}/min in any minute "
-            f"(limit {lim['limit']}, slot decay {lim['slot_decay_per_second']:.3f}/s)")
+            f"(burst {lim['limit']}, then {lim['slot_decay_per_second']:.3f}/s; "
+            f"{lim['slots_per_request']} slots a request)")
         out["work_pool_created"] = await ensure_work_pool()
         log(f"work pool   {WORK_POOL}{' (created)' if out['work_pool_created'] else ''}")
         out["crash_automation"] = await ensure_crash_automation()
@@ -293,3 +305,37 @@ def main(argv: list[str] | None = None) -> None:  # `python -m avatarflow.deploy
 
 if __name__ == "__main__":
     main()
+
+
+def slots_per_request(limit: Any) -> int:
+    """The slots one API request takes of the global concurrency limit `limit` (as read from
+    the server): SLOTS_PER_REQUEST for a limit `avatarflow deploy` made, 1 for one made before
+    it counted in hundredths (run `avatarflow deploy` again to get the full rate)."""
+    size = int(getattr(limit, "limit", 0) or 0)
+    return SLOTS_PER_REQUEST if size >= SLOTS_PER_REQUEST and size % SLOTS_PER_REQUEST == 0 else 1
+
+
+def request_limiter(name: str | None) -> Any:
+    """An async callable that waits for one request's slots of the limit `name` (Prefect's
+    `rate_limit`, which waits at the server's Retry-After); None when `name` is None. How many
+    slots a request takes is read from the server once per process (:func:`slots_per_request`);
+    a limit that does not exist limits nothing (strict=False)."""
+    if not name:
+        return None
+    occupy: list[int] = []
+
+    async def take_slot() -> None:
+        from prefect.concurrency.asyncio import rate_limit
+
+        if not occupy:
+            from prefect.client.orchestration import get_client
+            from prefect.exceptions import ObjectNotFound
+
+            try:
+                async with get_client() as client:
+                    occupy.append(slots_per_request(await client.read_global_concurrency_limit_by_name(name)))
+            except ObjectNotFound:
+                occupy.append(1)
+        await rate_limit(name, occupy=occupy[0], strict=False)
+
+    return take_slot
