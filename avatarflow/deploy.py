@@ -35,6 +35,8 @@ SLOTS_PER_REQUEST = 100
 CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
 PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
 PENDING_S = 120  # a worker that took a run starts it within seconds
+BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
+BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
 # prefect.yaml ships in the package (the repository's deployments/ is avatarflow.deployments).
@@ -77,10 +79,12 @@ def limit_slots(requests_per_minute: int, burst: int | None = None) -> tuple[int
 
     A limit with slot decay is a token bucket: `limit` slots taken at once (the burst), freed at
     `slot_decay_per_second`. A 60 s window can see the burst plus a minute of decay, so the two
-    share the budget: burst + 60 x decay = requests_per_minute (default burst: a fifth of it)."""
+    share the budget: burst + 60 x decay = requests_per_minute. While the limit binds (the bucket
+    empty) it lets through 60 x decay = requests_per_minute - burst a minute, so the default burst
+    is a twentieth of it (at least 1): 95 % of the rate while it binds (a fifth let 80 % through)."""
     if requests_per_minute < 1:
         raise ValueError(f"requests_per_minute={requests_per_minute} is not allowed; allowed: 1 or more")
-    burst = max(1, requests_per_minute // 5) if burst is None else burst
+    burst = max(1, requests_per_minute // 20) if burst is None else burst
     if not 1 <= burst <= requests_per_minute:
         raise ValueError(f"burst={burst} is not allowed; allowed: 1 to {requests_per_minute}")
     if burst == requests_per_minute:  # all at once, then a minute to refill
@@ -181,6 +185,42 @@ def pending_automation(within_s: float = PENDING_S) -> Any:
         actions=[ChangeFlowRunState(state=StateType.SCHEDULED, force=True,
                                     message=f"not started {within_s:.0f} s after a worker took it: back in the queue")],
     )
+
+
+def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
+    """A batch run (a flow run tagged `tag`) that CRASHED (its worker died; the heartbeat
+    automation says so) goes back to SCHEDULED, and a live worker runs it again: the same flow
+    run picks up where it stopped (archived rows from their records, in-flight rows' children
+    found again by their idempotency keys). Without it the batch stays CRASHED, and its rows
+    wait for someone to rerun it. Rows' own runs are not requeued: the batch dispatches them
+    again."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=BATCH_AUTOMATION,
+        description="Batch runs whose worker died go back to the queue; the batch resumes its rows.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"},
+            expect={"prefect.flow-run.Crashed"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, force=True,
+                                    message="the batch run crashed (its worker died): back in the queue")],
+    )
+
+
+async def ensure_crashed_batch_automation(tag: str = BATCH_TAG) -> str:
+    """Create (or replace) the requeue of crashed batch runs; its id."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for old in await client.read_automations_by_name(BATCH_AUTOMATION):
+            await client.delete_automation(old.id)
+        return str(await client.create_automation(crashed_batch_automation(tag)))
 
 
 async def ensure_pending_automation(within_s: float = PENDING_S) -> str:
@@ -286,6 +326,8 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
         log(f"automation  {CRASH_AUTOMATION}")
         out["pending_automation"] = await ensure_pending_automation()
         log(f"automation  {PENDING_AUTOMATION}")
+        out["batch_automation"] = await ensure_crashed_batch_automation()
+        log(f"automation  {BATCH_AUTOMATION}")
         out["deployments"] = await deploy_all(url)
         for name in out["deployments"]:
             log(f"deployment  {name}")

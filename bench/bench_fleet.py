@@ -110,6 +110,21 @@ class Fleet:
             time.sleep(min(10, 1 + attempt))
         raise RuntimeError(f"{method} {path}: the server does not answer")
 
+    def create_pool(self, engine_command: str | None) -> None:
+        """The process work pool, before `deploy` (which keeps an existing pool). With
+        `engine_command` (e.g. `<python> -m prefect.engine`) as the default of the pool's
+        `command`, a worker starts each flow run as that one process; without it Prefect 3.8
+        starts a workspace supervisor process that starts the engine process: two Python
+        start-ups (about 2.5 s of CPU each) per row."""
+        from prefect.workers.process import ProcessWorker
+
+        template = ProcessWorker.get_default_base_job_template()
+        if engine_command:
+            template["variables"]["properties"]["command"]["default"] = engine_command
+        r = self.api("POST", "/work_pools/", json={"name": WORK_POOL, "type": "process", "base_job_template": template})
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"work pool: {r.status_code} {r.text[:300]}")
+
     def deploy(self, requests_per_minute: int) -> dict[str, Any]:
         done = subprocess.run(
             [sys.executable, "-m", "avatarflow.deploy", "--requests-per-minute", str(requests_per_minute)],
@@ -244,12 +259,27 @@ def worker_env(base: dict[str, str], api_base: str, api_key: str, s3: dict[str, 
     }
 
 
-def wait_batch(fleet: Fleet, run_id: str, timeout: float, on_tick: Any = None) -> dict[str, Any]:
+def wait_batch(fleet: Fleet, run_id: str, timeout: float, on_tick: Any = None, requeue_grace: float = 90.0,
+               requeues: list[float] | None = None) -> dict[str, Any]:
+    """The batch run's final state. A CRASHED run (its worker killed) is put back in the queue by
+    the automation of `avatarflow deploy`: CRASHED is final only when it stays so for
+    `requeue_grace` seconds; each requeue seen is appended to `requeues`."""
     deadline = time.time() + timeout
     run: dict[str, Any] = {}
+    crashed_since: float | None = None
     while time.time() < deadline:
         run = fleet.run_state(run_id)
-        if run.get("state_type") in FINAL:
+        state = run.get("state_type")
+        if state == "CRASHED":
+            crashed_since = crashed_since or time.time()
+            if time.time() - crashed_since >= requeue_grace:
+                return run
+        elif crashed_since is not None:
+            if requeues is not None:
+                requeues.append(time.time() - crashed_since)
+            fleet.say(f"batch run {run_id} was CRASHED; back as {state} after {time.time() - crashed_since:.0f} s")
+            crashed_since = None
+        if state in FINAL and state != "CRASHED":
             return run
         if on_tick:
             on_tick()
@@ -267,6 +297,7 @@ def manifest_of(s3: Any, bucket: str, prefix: str, run_id: str) -> dict[str, Any
 
 def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: float, restart_server_at: float,
               restart_s3_at: float, kills: int | None, timeout: float, max_concurrency: int, seed: int = 7,
+              direct_engine: bool = False,
               home: Path | None = None, api: Any = None, s3_home: Path | None = None) -> dict[str, Any]:
     """The whole chaos run; returns the figures. `api`: a running local API (LocalApi-like:
     base_url, api_key, stats()); else one is started here at the limit."""
@@ -290,10 +321,13 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
     for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
         env.pop(k, None)
     fleet = Fleet(home, env)
-    figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute}
+    figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute,
+                               "direct_engine": direct_engine, "max_concurrency": max_concurrency}
     stop_chaos = threading.Event()
     try:
         fleet.start_server()
+        if direct_engine:
+            fleet.create_pool(f"{sys.executable} -m prefect.engine")
         fleet.deploy(requests_per_minute)
         for _ in range(workers):
             fleet.start_worker()
@@ -325,7 +359,8 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         chaos_thread = threading.Thread(target=chaos, daemon=True)
         chaos_thread.start()
         runs = [batch["id"]]
-        final = wait_batch(fleet, batch["id"], timeout)
+        requeues: list[float] = []
+        final = wait_batch(fleet, batch["id"], timeout, requeues=requeues)
         fleet.say(f"batch run {batch['id']}: {final.get('state_type')} {str(final.get('state', {}).get('message'))[:200]}")
         manifest = manifest_of(s3, s3_settings["bucket"], prefix, batch["id"]) if final.get("state_type") == "COMPLETED" else None
         complete = manifest is not None and manifest.get("completed") == rows
@@ -333,7 +368,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             rerun = fleet.create_run("avatar_batch/content-calendar", params)
             runs.append(rerun["id"])
             fleet.say(f"rerun of the batch: {rerun['id']}")
-            final = wait_batch(fleet, rerun["id"], timeout)
+            final = wait_batch(fleet, rerun["id"], timeout, requeues=requeues)
             fleet.say(f"rerun {rerun['id']}: {final.get('state_type')} {str(final.get('state', {}).get('message'))[:200]}")
             manifest = manifest_of(s3, s3_settings["bucket"], prefix, rerun["id"]) if final.get("state_type") == "COMPLETED" else None
         wall = time.monotonic() - t0
@@ -357,6 +392,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "rows_completed": (manifest or {}).get("completed", 0),
             "rows_failed": (manifest or {}).get("failed"),
             "batch_runs": len(runs),
+            "batch_requeues": len(requeues),
             "jobs_per_row": dict(sorted(per_row.items())),
             "jobs_total": len(new_jobs),
             "http_429": codes.get("429", 0),
@@ -387,7 +423,8 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
 def print_figures(f: dict[str, Any]) -> None:
     print()
     print(f"rows completed          {f['rows_completed']} of {f['rows']} (batch runs: {f['batch_runs']}: "
-          f"{'no rerun' if f['batch_runs'] == 1 else 'after one rerun'})")
+          f"{'no rerun' if f['batch_runs'] == 1 else 'after one rerun'}; the crashed batch run requeued by the "
+          f"automation {f.get('batch_requeues', 0)} times)")
     print(f"jobs created per row    {f['jobs_per_row']}  (rows by jobs at the API; {f['jobs_total']} jobs)")
     print(f"429 answers             {f['http_429']}")
     print(f"busiest 60 s window     {f['busiest_60s']} API requests (limit {f['requests_per_minute']}/min)")
@@ -411,11 +448,13 @@ def main() -> None:
     ap.add_argument("--restart-s3-at", type=float, default=240.0, help="seconds after the batch starts")
     ap.add_argument("--max-concurrency", type=int, default=24)
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
+                    help="the pool's command starts the engine directly (one process a flow run, not two)")
     args = ap.parse_args()
     f = run_fleet(rows=args.rows, workers=args.workers, requests_per_minute=args.requests_per_minute,
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,
-                  max_concurrency=args.max_concurrency)
+                  max_concurrency=args.max_concurrency, direct_engine=args.direct_engine)
     print_figures(f)
     print(json.dumps(f, default=str))
 

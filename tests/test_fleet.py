@@ -162,3 +162,29 @@ def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     assert state != "PENDING", "still PENDING: nothing put it back in the queue"
     final = wait_batch(fleet, run["id"], 180)
     assert final["state_type"] == "COMPLETED", final["state"]
+
+
+def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(fleet):
+    """The bench: a batch run whose worker was SIGKILLed ended CRASHED and stayed so; its rows
+    waited for a rerun by hand. The automation of `avatarflow deploy` puts a crashed batch run
+    (tagged `batch`) back to SCHEDULED; a crashed row's run stays CRASHED (its batch dispatches
+    the row again)."""
+    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+    runs = {}
+    for name, params in (("avatar_batch/content-calendar", {"calendar": "s3://nowhere/none.csv", "today": DAY}),
+                         ("avatar_video/on-demand", {"request": {"image": "none.jpg", "voice_script": "x"}})):
+        dep = fleet.deployment(name)
+        run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": params, "state": later}).json()
+        r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state",
+                      json={"state": {"type": "CRASHED", "message": "test: its worker died"}, "force": True})
+        assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+        runs[name] = run["id"]
+    deadline, batch_state = time.time() + 120, "CRASHED"
+    while time.time() < deadline and batch_state == "CRASHED":
+        time.sleep(2)
+        batch_state = fleet.run_state(runs["avatar_batch/content-calendar"])["state_type"]
+    assert batch_state != "CRASHED", "the crashed batch run stayed CRASHED"
+    history = fleet.api("GET", "/flow_run_states/", params={"flow_run_id": runs["avatar_batch/content-calendar"]}).json()
+    assert "SCHEDULED" in [h["type"] for h in history][2:], history
+    assert fleet.run_state(runs["avatar_video/on-demand"])["state_type"] == "CRASHED"
