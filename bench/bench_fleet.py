@@ -342,10 +342,31 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
 
         events = {"kills": 0, "server_restart_s": None, "s3_restart_s": None}
 
+        def progress() -> None:
+            """A line a minute: the API's requests, submits, 429s, busiest minute and share so far."""
+            try:
+                now_stats = api.stats()
+            except Exception as e:
+                fleet.say(f"progress: API stats not read: {e}")
+                return
+            first = sorted(t for t in now_stats["api_request_times"] if t not in before_times)
+            subs = [t for t in now_stats["submit_times"] if first and t >= first[0]]
+            c429 = now_stats["codes"].get("429", 0) - before["codes"].get("429", 0)
+            mins = max((time.time() - first[0]) / 60.0, 1e-9) if first else 1e-9
+            fleet.say(f"progress: {len(subs)} jobs submitted of {rows} rows, {len(first)} API requests, {c429} x 429, "
+                      f"busiest 60 s {max_per_window(first)}/{requests_per_minute}, "
+                      f"{100 * len(first) / (requests_per_minute * mins):.0f} % of the limit since the first request")
+
+        before_times = set(before["api_request_times"])
+
         def chaos() -> None:
             next_kill = t0 + kill_every
+            next_progress = t0 + 60
             while not stop_chaos.wait(1.0):
                 now = time.monotonic()
+                if now >= next_progress:
+                    progress()
+                    next_progress = now + 60
                 if events["server_restart_s"] is None and now - t0 >= restart_server_at:
                     events["server_restart_s"] = fleet.restart_server()
                 if events["s3_restart_s"] is None and now - t0 >= restart_s3_at:
@@ -446,7 +467,8 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=60.0)
     ap.add_argument("--restart-server-at", type=float, default=150.0, help="seconds after the batch starts")
     ap.add_argument("--restart-s3-at", type=float, default=240.0, help="seconds after the batch starts")
-    ap.add_argument("--max-concurrency", type=int, default=24)
+    ap.add_argument("--max-concurrency", type=int, default=12,
+                    help="the batch's child runs in flight (a killed worker takes a third of them with it)")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
                     help="the pool's command starts the engine directly (one process a flow run, not two)")
