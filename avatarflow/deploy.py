@@ -41,8 +41,10 @@ PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
 PENDING_S = 120  # a worker that took a run starts it within seconds
 BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
 BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
+BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
+BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS - 15  # before the crash detector's 90 s
 # prefect.yaml ships in the package (the repository's deployments/ is avatarflow.deployments).
 PREFECT_FILE = Path(str(importlib.resources.files("avatarflow.deployments") / "prefect.yaml"))
 
@@ -217,6 +219,47 @@ def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
     )
 
 
+def silent_batch_automation(tag: str = BATCH_TAG, within_s: float = BATCH_SILENT_S) -> Any:
+    """A batch run (tagged `tag`) whose heartbeats stop goes back to SCHEDULED after
+    `within_s`, before the crash detector would set it CRASHED: the requeue on the Crashed event
+    alone is not enough, because the server holds an event until it has seen the one it follows,
+    and after a server restart the run's Running event (before the restart) is never seen again:
+    the Crashed event waited, and the batch stayed CRASHED (the fleet bench). Heartbeat events
+    follow nothing. The requeued run starts on a live worker within seconds and beats again, so
+    the crash detector's window is met."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=BATCH_HEARTBEAT_AUTOMATION,
+        description="Batch runs whose heartbeats stopped (their worker died) go back to the queue.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, force=True,
+                                    message=f"no heartbeat for {within_s:.0f} s: its worker is gone; back in the queue")],
+    )
+
+
+async def ensure_silent_batch_automation(tag: str = BATCH_TAG, within_s: float = BATCH_SILENT_S) -> str:
+    """Create (or replace) the requeue of batch runs whose heartbeats stopped; its id."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for old in await client.read_automations_by_name(BATCH_HEARTBEAT_AUTOMATION):
+            await client.delete_automation(old.id)
+        return str(await client.create_automation(silent_batch_automation(tag, within_s)))
+
+
 async def ensure_crashed_batch_automation(tag: str = BATCH_TAG) -> str:
     """Create (or replace) the requeue of crashed batch runs; its id."""
     from prefect.client.orchestration import get_client
@@ -332,6 +375,8 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
         log(f"automation  {PENDING_AUTOMATION}")
         out["batch_automation"] = await ensure_crashed_batch_automation()
         log(f"automation  {BATCH_AUTOMATION}")
+        out["batch_heartbeat_automation"] = await ensure_silent_batch_automation()
+        log(f"automation  {BATCH_HEARTBEAT_AUTOMATION}")
         out["deployments"] = await deploy_all(url)
         for name in out["deployments"]:
             log(f"deployment  {name}")
