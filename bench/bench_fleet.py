@@ -18,32 +18,31 @@ busiest 60 s window against the limit, the share of the limit used while it bind
 from __future__ import annotations
 
 import argparse
-import asyncio
 import bisect
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-ASSETS = ROOT / "avatarflow" / "assets"
-WORK_POOL = "avatarflow-process"
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-API_ENDPOINTS = ("submit", "status", "result", "history")
-DAY = "2026-12-01"
+
+from bench.fleet_rig import (
+    DAY,
+    Fleet,
+    s3_restart,
+    calendar_rows,
+    put_calendar,
+    worker_env,
+    wait_batch,
+    manifest_of,
+)
 
 
 def max_per_window(times: list[float], window: float = 60.0) -> int:
@@ -51,231 +50,18 @@ def max_per_window(times: list[float], window: float = 60.0) -> int:
     return max((bisect.bisect_right(times, t + window) - i for i, t in enumerate(times)), default=0)
 
 
-@dataclass
-class Fleet:
-    """A Prefect server on PostgreSQL, the deployments, and process workers with the pipeline's
-    environment; the chaos actions."""
-
-    home: Path
-    env: dict[str, str]
-    server: Any = None
-    workers: list[subprocess.Popen] = field(default_factory=list)
-    killed: list[int] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-
-    def say(self, msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        self.log.append(line)
-        print(line, flush=True)
-
-    # --- the server ---------------------------------------------------------------------------
-    def start_server(self) -> None:
-        from avatarflow.local.prefect_server import start_prefect
-
-        self.server = start_prefect(self.home / "prefect-home", timeout=180)
-        self.env.update(self.server.client_env())
-        self.say(f"prefect server on {self.server.database} at {self.server.api_url} "
-                 f"(started in {self.server.started_s:.1f} s)")
-
-    def restart_server(self) -> float:  # noqa: D401
-        from avatarflow.local.prefect_server import start_prefect, stop_prefect
-
-        t = time.monotonic()
-        old = self.server.api_url
-        stop_prefect(self.home / "prefect-home", postgres=False)
-        self.server = start_prefect(self.home / "prefect-home", timeout=180)
-        assert self.server.api_url == old, (old, self.server.api_url)
-        took = time.monotonic() - t
-        self.say(f"prefect server restarted in {took:.1f} s (PostgreSQL kept)")
-        return took
-
-    def stop(self) -> None:
-        from avatarflow.local.prefect_server import stop_prefect
-
-        from avatarflow.local.postgres import purge_postgres
-
-        for w in self.workers:
-            self._kill_group(w)
-        stop_prefect(self.home / "prefect-home")
-        purge_postgres(self.home / "prefect-home")
-
-    def api(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        for attempt in range(30):
-            try:
-                r = httpx.request(method, f"{self.server.api_url}{path}", headers=self.server.headers, timeout=30, **kw)
-                if r.status_code < 500:
-                    return r
-            except httpx.HTTPError:
-                pass
-            time.sleep(min(10, 1 + attempt))
-        raise RuntimeError(f"{method} {path}: the server does not answer")
-
-    def deploy(self, requests_per_minute: int) -> dict[str, Any]:
-        done = subprocess.run(
-            [sys.executable, "-m", "avatarflow.deploy", "--requests-per-minute", str(requests_per_minute)],
-            cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"deploy failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        self.say("deployed: " + " | ".join(l for l in done.stdout.splitlines() if l.strip()))
-        return {"stdout": done.stdout}
-
-    # --- workers ------------------------------------------------------------------------------
-    def start_worker(self) -> subprocess.Popen:
-        n = len(self.workers) + len(self.killed)
-        log = open(self.home / f"worker-{n}.log", "ab")
-        w = subprocess.Popen(
-            [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-             "--name", f"fleet-worker-{n}-{uuid.uuid4().hex[:4]}"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.workers.append(w)
-        return w
-
-    def wait_workers(self, n: int, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            r = self.api("POST", f"/work_pools/{WORK_POOL}/workers/filter", json={})
-            if r.status_code == 200 and sum(w["status"] == "ONLINE" for w in r.json()) >= n:
-                return
-            time.sleep(1)
-        raise RuntimeError(f"{n} workers not online in {timeout} s")
-
-    @staticmethod
-    def _kill_group(w: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(w.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            w.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-
-    def kill_random_worker(self, rng: random.Random) -> int:
-        """SIGKILL a random worker's process group (the worker and the flow runs it started), and
-        start a new worker."""
-        alive = [w for w in self.workers if w.poll() is None]
-        victim = rng.choice(alive)
-        self._kill_group(victim)
-        self.workers.remove(victim)
-        self.killed.append(victim.pid)
-        self.start_worker()
-        self.say(f"SIGKILLed worker pid {victim.pid} with its flow runs; a new worker started")
-        return victim.pid
-
-    # --- runs ---------------------------------------------------------------------------------
-    def deployment(self, name: str) -> dict[str, Any]:
-        r = self.api("GET", f"/deployments/name/{name}")
-        r.raise_for_status()
-        return r.json()
-
-    def create_run(self, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
-        dep = self.deployment(deployment)
-        r = self.api("POST", f"/deployments/{dep['id']}/create_flow_run", json={"parameters": parameters})
-        if r.status_code != 201:
-            raise RuntimeError(f"{r.status_code} {r.text[:500]}")
-        return r.json()
-
-    def run_state(self, run_id: str) -> dict[str, Any]:
-        return self.api("GET", f"/flow_runs/{run_id}").json()
-
-    def children(self, run_id: str) -> list[dict[str, Any]]:
-        out, offset = [], 0
-        while True:
-            page = self.api("POST", "/flow_runs/filter", json={
-                "flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset}).json()
-            out += page
-            if len(page) < 200:
-                return out
-            offset += 200
-
-
-def s3_restart(s3_home: Path) -> float:
-    """Restart SeaweedFS on the same ports and data (clients keep their endpoint)."""
-    import psutil
-
-    from avatarflow.local import services
-
-    current = services.load_services(s3_home)
-    proc = psutil.Process(current.s3.pid)
-    cmd, cwd = proc.cmdline(), proc.cwd()
-    t = time.monotonic()
-    services._stop_group(current.s3.pid, services._weed_marker(s3_home))
-    services._cleanup_weed_sockets(s3_home)
-    new = services._spawn(cmd, s3_home / "logs" / "s3.log", cwd=Path(cwd))
-    current.s3.pid = new.pid
-    if not services._wait(lambda: current.s3.answers(), new, 90):
-        raise RuntimeError("SeaweedFS did not come back")
-    services._save(s3_home, s3=current.s3)
-    return time.monotonic() - t
-
-
-def calendar_rows(n: int, seed0: int) -> list[dict[str, Any]]:
-    """Short scripts (cheap to render), a seed each: a job is found at the API by its seed."""
-    return [{"image": str(ASSETS / "portrait.jpg"), "voice_script": f"Row {i}.", "seed": seed0 + i,
-             "publish_date": DAY, "expected_seconds": 4} for i in range(n)]
-
-
-def put_calendar(s3: Any, bucket: str, prefix: str, rows: list[dict[str, Any]]) -> str:
-    key = f"{prefix}/calendars/fleet-{uuid.uuid4().hex[:8]}.jsonl"
-    s3.put_object(Bucket=bucket, Key=key, Body="\n".join(json.dumps(r) for r in rows).encode())
-    return f"s3://{bucket}/{key}"
-
-
-def worker_env(base: dict[str, str], api_base: str, api_key: str, s3: dict[str, str], prefix: str,
-               home: Path) -> dict[str, str]:
-    return {
-        **base,
-        "AVATARFLOW_SOURCES_LOCAL_ROOTS": str(ASSETS),
-        "SEGMIND_API_KEY": api_key,
-        "SEGMIND_BASE_URL": api_base,
-        "AVATARFLOW_S3_BUCKET": s3["bucket"],
-        "AVATARFLOW_S3_ENDPOINT_URL": s3["endpoint_url"],
-        "AWS_ACCESS_KEY_ID": s3["access_key"],
-        "AWS_SECRET_ACCESS_KEY": s3["secret_key"],
-        "AWS_REGION": s3["region"],
-        "AVATARFLOW_S3_PREFIX": prefix,
-        "PREFECT_HOME": str(home / "prefect-client"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-        "PREFECT_WORKER_PREFETCH_SECONDS": "2",
-        "PREFECT_CLIENT_MAX_RETRIES": "12",
-        "PREFECT_LOGGING_TO_API_ENABLED": "false",
-    }
-
-
-def wait_batch(fleet: Fleet, run_id: str, timeout: float, on_tick: Any = None) -> dict[str, Any]:
-    deadline = time.time() + timeout
-    run: dict[str, Any] = {}
-    while time.time() < deadline:
-        run = fleet.run_state(run_id)
-        if run.get("state_type") in FINAL:
-            return run
-        if on_tick:
-            on_tick()
-        time.sleep(2)
-    return run
-
-
-def manifest_of(s3: Any, bucket: str, prefix: str, run_id: str) -> dict[str, Any] | None:
-    try:
-        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/batches/{run_id}/manifest.json")["Body"].read()
-    except Exception:
-        return None
-    return json.loads(body)
-
-
 def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: float, restart_server_at: float,
               restart_s3_at: float, kills: int | None, timeout: float, max_concurrency: int, seed: int = 7,
+              direct_engine: bool = False,
               home: Path | None = None, api: Any = None, s3_home: Path | None = None) -> dict[str, Any]:
     """The whole chaos run; returns the figures. `api`: a running local API (LocalApi-like:
     base_url, api_key, stats()); else one is started here at the limit."""
-    from avatarflow.local import services
+    from avatarflow.local.services import seaweed, stack
 
     rng = random.Random(seed)
     home = home or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     s3_home = s3_home or home / "s3-home"
-    s3svc = services.start_s3(s3_home, timeout=90, die_with_parent=True)
+    s3svc = seaweed.start_s3(s3_home, timeout=90, die_with_parent=True)
     s3_settings = {k: v for k, v in s3svc.to_json().items() if k != "pid"}
     s3 = s3svc.client()
     own_api = None
@@ -290,10 +76,13 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
     for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
         env.pop(k, None)
     fleet = Fleet(home, env)
-    figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute}
+    figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute,
+                               "direct_engine": direct_engine, "max_concurrency": max_concurrency}
     stop_chaos = threading.Event()
     try:
         fleet.start_server()
+        if direct_engine:
+            fleet.create_pool(f"{sys.executable} -m prefect.engine")
         fleet.deploy(requests_per_minute)
         for _ in range(workers):
             fleet.start_worker()
@@ -308,10 +97,31 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
 
         events = {"kills": 0, "server_restart_s": None, "s3_restart_s": None}
 
+        def progress() -> None:
+            """A line a minute: the API's requests, submits, 429s, busiest minute and share so far."""
+            try:
+                now_stats = api.stats()
+            except Exception as e:
+                fleet.say(f"progress: API stats not read: {e}")
+                return
+            first = sorted(t for t in now_stats["api_request_times"] if t not in before_times)
+            subs = [t for t in now_stats["submit_times"] if first and t >= first[0]]
+            c429 = now_stats["codes"].get("429", 0) - before["codes"].get("429", 0)
+            mins = max((time.time() - first[0]) / 60.0, 1e-9) if first else 1e-9
+            fleet.say(f"progress: {len(subs)} jobs submitted of {rows} rows, {len(first)} API requests, {c429} x 429, "
+                      f"busiest 60 s {max_per_window(first)}/{requests_per_minute}, "
+                      f"{100 * len(first) / (requests_per_minute * mins):.0f} % of the limit since the first request")
+
+        before_times = set(before["api_request_times"])
+
         def chaos() -> None:
             next_kill = t0 + kill_every
+            next_progress = t0 + 60
             while not stop_chaos.wait(1.0):
                 now = time.monotonic()
+                if now >= next_progress:
+                    progress()
+                    next_progress = now + 60
                 if events["server_restart_s"] is None and now - t0 >= restart_server_at:
                     events["server_restart_s"] = fleet.restart_server()
                 if events["s3_restart_s"] is None and now - t0 >= restart_s3_at:
@@ -325,7 +135,8 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         chaos_thread = threading.Thread(target=chaos, daemon=True)
         chaos_thread.start()
         runs = [batch["id"]]
-        final = wait_batch(fleet, batch["id"], timeout)
+        requeues: list[float] = []
+        final = wait_batch(fleet, batch["id"], timeout, requeues=requeues)
         fleet.say(f"batch run {batch['id']}: {final.get('state_type')} {str(final.get('state', {}).get('message'))[:200]}")
         manifest = manifest_of(s3, s3_settings["bucket"], prefix, batch["id"]) if final.get("state_type") == "COMPLETED" else None
         complete = manifest is not None and manifest.get("completed") == rows
@@ -333,7 +144,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             rerun = fleet.create_run("avatar_batch/content-calendar", params)
             runs.append(rerun["id"])
             fleet.say(f"rerun of the batch: {rerun['id']}")
-            final = wait_batch(fleet, rerun["id"], timeout)
+            final = wait_batch(fleet, rerun["id"], timeout, requeues=requeues)
             fleet.say(f"rerun {rerun['id']}: {final.get('state_type')} {str(final.get('state', {}).get('message'))[:200]}")
             manifest = manifest_of(s3, s3_settings["bucket"], prefix, rerun["id"]) if final.get("state_type") == "COMPLETED" else None
         wall = time.monotonic() - t0
@@ -357,6 +168,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "rows_completed": (manifest or {}).get("completed", 0),
             "rows_failed": (manifest or {}).get("failed"),
             "batch_runs": len(runs),
+            "batch_requeues": len(requeues),
             "jobs_per_row": dict(sorted(per_row.items())),
             "jobs_total": len(new_jobs),
             "http_429": codes.get("429", 0),
@@ -381,13 +193,14 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             from tests.fixtures_api import stop_local_api
 
             stop_local_api(own_api)
-        services.down(s3_home)
+        stack.down(s3_home)
 
 
 def print_figures(f: dict[str, Any]) -> None:
     print()
     print(f"rows completed          {f['rows_completed']} of {f['rows']} (batch runs: {f['batch_runs']}: "
-          f"{'no rerun' if f['batch_runs'] == 1 else 'after one rerun'})")
+          f"{'no rerun' if f['batch_runs'] == 1 else 'after one rerun'}; the crashed batch run requeued by the "
+          f"automation {f.get('batch_requeues', 0)} times)")
     print(f"jobs created per row    {f['jobs_per_row']}  (rows by jobs at the API; {f['jobs_total']} jobs)")
     print(f"429 answers             {f['http_429']}")
     print(f"busiest 60 s window     {f['busiest_60s']} API requests (limit {f['requests_per_minute']}/min)")
@@ -409,13 +222,16 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=60.0)
     ap.add_argument("--restart-server-at", type=float, default=150.0, help="seconds after the batch starts")
     ap.add_argument("--restart-s3-at", type=float, default=240.0, help="seconds after the batch starts")
-    ap.add_argument("--max-concurrency", type=int, default=24)
+    ap.add_argument("--max-concurrency", type=int, default=12,
+                    help="the batch's child runs in flight (a killed worker takes a third of them with it)")
     ap.add_argument("--timeout", type=float, default=3600.0)
+    ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
+                    help="the pool's command starts the engine directly (one process a flow run, not two)")
     args = ap.parse_args()
     f = run_fleet(rows=args.rows, workers=args.workers, requests_per_minute=args.requests_per_minute,
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,
-                  max_concurrency=args.max_concurrency)
+                  max_concurrency=args.max_concurrency, direct_engine=args.direct_engine)
     print_figures(f)
     print(json.dumps(f, default=str))
 

@@ -65,14 +65,9 @@ async def resolve_store(archive_block: str | None) -> Store:
 
 
 def _limiter(name: str | None) -> Any:
-    if not name:
-        return None
-    from prefect.concurrency.asyncio import rate_limit
+    from avatarflow.deploy import request_limiter
 
-    async def take_slot() -> None:
-        await rate_limit(name, strict=False)
-
-    return take_slot
+    return request_limiter(name)
 
 
 async def _apply_preset(request: VideoRequest) -> VideoRequest:

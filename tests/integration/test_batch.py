@@ -111,7 +111,7 @@ def test_limit_slots_hold_the_rate_in_any_minute():
         limit, decay = limit_slots(per_minute, burst)
         worst = limit + 60 * decay if limit < per_minute else per_minute
         assert worst == pytest.approx(per_minute), (per_minute, burst)
-    assert limit_slots(50) == (10, pytest.approx(40 / 60))
+    assert limit_slots(50) == (2, pytest.approx(48 / 60))  # 96 % of the rate while it binds
 
 
 def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
@@ -122,7 +122,7 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
     from avatarflow.deploy import ensure_concurrency_limit
 
     limit = asyncio.run(ensure_concurrency_limit(600, name="test-batch-rate"))
-    assert limit["limit"] == 120 and limit["slot_decay_per_second"] == pytest.approx(8.0)
+    assert limit["limit"] == 30 and limit["slot_decay_per_second"] == pytest.approx(9.5)
     # then a limit that hardly decays, so its taken slots count the API requests made through it
     limit = asyncio.run(ensure_concurrency_limit(10_000, burst=9_999, name="test-batch-rate"))
     assert limit["slot_decay_per_second"] == pytest.approx(1 / 60)
@@ -174,7 +174,8 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
     assert len(table if isinstance(table, list) else json.loads(table)) == 7
     assert out["manifest_csv"] in by_key["avatar-batch-manifest"].data
     api_requests = sum(stats.get(k, 0) for k in ("submit", "status", "result", "history"))
-    assert api_requests >= 4 and api_requests - 3 <= gcl.active_slots <= api_requests, (gcl, stats)
+    taken = gcl.active_slots / 100  # hundredths of a request (avatarflow.deploy.SLOTS_PER_REQUEST)
+    assert api_requests >= 4 and api_requests - 3 <= taken <= api_requests, (gcl, stats)
 
 
 def test_batch_command(pipeline_env, tmp_path, portrait_path):

@@ -18,7 +18,7 @@ from collections import Counter
 import psutil
 import pytest
 
-from bench.bench_fleet import DAY, Fleet, calendar_rows, manifest_of, put_calendar, wait_batch, worker_env
+from bench.fleet_rig import DAY, Fleet, calendar_rows, manifest_of, put_calendar, wait_batch, worker_env
 
 ROWS = 20
 SEED0 = 900_000
@@ -162,3 +162,61 @@ def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     assert state != "PENDING", "still PENDING: nothing put it back in the queue"
     final = wait_batch(fleet, run["id"], 180)
     assert final["state_type"] == "COMPLETED", final["state"]
+
+
+def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(fleet):
+    """The bench: a batch run whose worker was SIGKILLed ended CRASHED and stayed so; its rows
+    waited for a rerun by hand. The automation of `avatarflow deploy` puts a crashed batch run
+    (tagged `batch`) back to SCHEDULED; a crashed row's run stays CRASHED (its batch dispatches
+    the row again)."""
+    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+    runs = {}
+    for name, params in (("avatar_batch/content-calendar", {"calendar": "s3://nowhere/none.csv", "today": DAY}),
+                         ("avatar_video/on-demand", {"request": {"image": "none.jpg", "voice_script": "x"}})):
+        dep = fleet.deployment(name)
+        run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": params, "state": later}).json()
+        r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state",
+                      json={"state": {"type": "CRASHED", "message": "test: its worker died"}, "force": True})
+        assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+        runs[name] = run["id"]
+    deadline, batch_state = time.time() + 120, "CRASHED"
+    while time.time() < deadline and batch_state == "CRASHED":
+        time.sleep(2)
+        batch_state = fleet.run_state(runs["avatar_batch/content-calendar"])["state_type"]
+    assert batch_state != "CRASHED", "the crashed batch run stayed CRASHED"
+    history = fleet.api("GET", "/flow_run_states/", params={"flow_run_id": runs["avatar_batch/content-calendar"]}).json()
+    assert "SCHEDULED" in [h["type"] for h in history][2:], history
+    assert fleet.run_state(runs["avatar_video/on-demand"])["state_type"] == "CRASHED"
+
+
+def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_the_queue(fleet):
+    """The bench: the batch run's worker was killed after the Prefect server had restarted; the
+    heartbeat automation set the run CRASHED, but the requeue (reactive, on the Crashed event)
+    did not fire: the server holds an event until it has seen the one it follows, and the
+    Running event it followed came before the restart. The batch stayed CRASHED (the bench
+    reran it by hand). A batch run whose heartbeats stop goes back to SCHEDULED itself."""
+    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+    dep = fleet.deployment("avatar_batch/content-calendar")
+    run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                    json={"parameters": {"calendar": "s3://nowhere/none.csv", "today": DAY}, "state": later}).json()
+    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
+    assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    related = [{"prefect.resource.id": f"prefect.deployment.{dep['id']}", "prefect.resource.role": "deployment"}] + [
+        {"prefect.resource.id": f"prefect.tag.{t}", "prefect.resource.role": "tag"} for t in dep["tags"]]
+    beat = {"id": str(uuid.uuid4()), "occurred": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
+            "event": "prefect.flow-run.heartbeat", "related": related,
+            "resource": {"prefect.resource.id": f"prefect.flow-run.{run['id']}", "prefect.resource.name": run["name"]}}
+    r = fleet.api("POST", "/events", json=[beat])
+    assert r.status_code in (200, 202, 204), r.text
+    time.sleep(5)
+    fleet.restart_server()  # the Running event is now from before the restart; no heartbeat follows
+    deadline, states = time.time() + 200, []
+    while time.time() < deadline:
+        history = fleet.api("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+        states = [h["type"] for h in sorted(history, key=lambda h: h["timestamp"])]
+        if "RUNNING" in states and states.index("RUNNING") < len(states) - 1 and states[-1] != "CRASHED" and \
+                "SCHEDULED" in states[states.index("RUNNING"):]:
+            break
+        time.sleep(3)
+    assert "SCHEDULED" in states[states.index("RUNNING"):], f"the batch run did not go back to the queue: {states}"
