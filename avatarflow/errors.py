@@ -19,6 +19,10 @@ class BadSetting(AvatarflowError, ValueError):
     bad_input = True
 
 
+class DeployError(AvatarflowError, RuntimeError):
+    """The Prefect set-up did not come out as asked."""
+
+
 class APIError(AvatarflowError):
     """An answer from the API that is not a success."""
 

@@ -27,7 +27,7 @@ pool and outlive the batch's own worker. The orchestrator is not the row's truth
 
 Crashed runs are detected by Prefect itself: flow runs send heartbeats
 (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and an automation (``avatarflow deploy``) marks a run
-whose heartbeats stop as CRASHED (avatarflow.deploy).
+whose heartbeats stop as CRASHED (avatarflow.automations).
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def main() -> None:
     os.environ.update(start_prefect().client_env())  # PREFECT_API_URL and PREFECT_API_AUTH_STRING
     name = "bench-api-rate"
     try:
-        from avatarflow.deploy import ensure_concurrency_limit
+        from avatarflow.request_limit import ensure_concurrency_limit
         from avatarflow.flows.avatar_batch import avatar_batch
 
         limit = asyncio.run(ensure_concurrency_limit(args.per_minute, args.burst, name=name))

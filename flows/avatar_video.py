@@ -65,7 +65,7 @@ async def resolve_store(archive_block: str | None) -> Store:
 
 
 def _limiter(name: str | None) -> Any:
-    from avatarflow.deploy import request_limiter
+    from avatarflow.request_limit import request_limiter
 
     return request_limiter(name)
 

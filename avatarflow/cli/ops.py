@@ -11,7 +11,8 @@ import typer
 
 from avatarflow import contract
 from avatarflow.cli.errors import guard
-from avatarflow.deploy import REQUESTS_PER_MINUTE, WORK_POOL
+from avatarflow.deploy import WORK_POOL
+from avatarflow.request_limit import REQUESTS_PER_MINUTE
 
 blocks_app = typer.Typer(help="Prefect blocks: credentials, archive, presets.", no_args_is_help=True)
 
@@ -53,7 +54,8 @@ def emit(
 ) -> None:
     """Emit an event to the Prefect server through its events API; the deployment
     avatar_video/on-portrait-uploaded makes a video of the portrait."""
-    from avatarflow.events import EVENTS, emit as send_event, portrait_uploaded_event
+    from avatarflow.events import EVENTS, portrait_uploaded_event
+    from avatarflow.events import emit as send_event
 
     if event not in EVENTS:
         raise typer.BadParameter(f"event={event!r} is not known; allowed: {', '.join(EVENTS)}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from avatarflow.cli.errors import EXIT_BAD_INPUT, EXIT_FAILED, guard
-from avatarflow.deploy import CONCURRENCY_LIMIT
+from avatarflow.request_limit import CONCURRENCY_LIMIT
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_PORTRAIT = ASSETS / "portrait.jpg"

@@ -19,7 +19,7 @@ from avatarflow.calendar import check_sources, parse_records, parse_row, read_ca
 from avatarflow.inputs import TemplateError
 from avatarflow.media.errors import MediaError
 from avatarflow.media.policy import SourcePolicy
-from avatarflow.deploy import limit_slots
+from avatarflow.request_limit import limit_slots
 from avatarflow.spec import VideoRequest
 from avatarflow.flows.avatar_batch import MANIFEST_COLUMNS, avatar_batch
 
@@ -119,7 +119,7 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
 ):
     from prefect.client.orchestration import get_client
 
-    from avatarflow.deploy import ensure_concurrency_limit
+    from avatarflow.request_limit import ensure_concurrency_limit
 
     limit = asyncio.run(ensure_concurrency_limit(600, name="test-batch-rate"))
     assert limit["limit"] == 30 and limit["slot_decay_per_second"] == pytest.approx(9.5)
@@ -174,7 +174,7 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
     assert len(table if isinstance(table, list) else json.loads(table)) == 7
     assert out["manifest_csv"] in by_key["avatar-batch-manifest"].data
     api_requests = sum(stats.get(k, 0) for k in ("submit", "status", "result", "history"))
-    taken = gcl.active_slots / 100  # hundredths of a request (avatarflow.deploy.SLOTS_PER_REQUEST)
+    taken = gcl.active_slots / 100  # hundredths of a request (avatarflow.request_limit.SLOTS_PER_REQUEST)
     assert api_requests >= 4 and api_requests - 3 <= taken <= api_requests, (gcl, stats)
 
 

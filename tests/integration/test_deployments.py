@@ -78,7 +78,7 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     assert "limit       avatarflow-api: 600/min" in out and "work pool   avatarflow-process" in out, out
     assert "deployment  avatar_watch/bucket-watch" in out and "automation  " in out, out
     gcl = _call("GET", f"{url}/v2/concurrency_limits/avatarflow-api").json()
-    # in hundredths of a request (avatarflow.deploy.SLOTS_PER_REQUEST)
+    # in hundredths of a request (avatarflow.request_limit.SLOTS_PER_REQUEST)
     assert gcl["limit"] + 60 * gcl["slot_decay_per_second"] == pytest.approx(600 * 100)
     on_demand = _deployment(url, "avatar_video/on-demand")
     batch = _deployment(url, "avatar_batch/content-calendar")

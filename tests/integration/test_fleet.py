@@ -18,6 +18,7 @@ from collections import Counter
 import psutil
 import pytest
 
+from avatarflow.local.services.common import signal_group
 from bench.fleet_rig import DAY, Fleet, calendar_rows, manifest_of, put_calendar, wait_batch, worker_env
 
 ROWS = 20
@@ -77,7 +78,7 @@ def test_rows_outlive_a_killed_worker_and_a_restarted_server(fleet, api, s3, s3_
     assert victim, "no child ran on the other worker"
     doomed = [c["id"] for c in fleet.children(batch["id"]) if _worker_of(fleet, c) == victim]
     w = next(w for w in fleet.workers if w.pid == victim)
-    fleet._kill_group(w)
+    signal_group(w)
     fleet.workers.remove(w)
     fleet.killed.append(victim)
     fleet.start_worker()
@@ -138,14 +139,14 @@ def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     for ever (the bench's rerun of a batch did)."""
     import asyncio
 
-    from avatarflow.deploy import ensure_pending_automation
+    from avatarflow.automations import ensure_automation, pending_automation
 
     async def short_window() -> None:  # the test's own window: 20 s instead of 120 s
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
         with temporary_settings(updates={PREFECT_API_URL: fleet.server.api_url,
                                          PREFECT_API_AUTH_STRING: fleet.server.auth_string}):
-            await ensure_pending_automation(20)
+            await ensure_automation(pending_automation(20))
 
     asyncio.run(short_window())
     later = "2099-01-01T00:00:00Z"  # no worker takes it on its own

@@ -15,7 +15,6 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from tests.fixtures_prefect_server import prefect_server  # noqa: F401
 
@@ -48,7 +47,7 @@ async def _take_for(url: str, headers: dict, name: str, occupy: int, seconds: fl
 def test_request_limit_lets_its_rate_through_under_contention(prefect_server):  # noqa: F811
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    from avatarflow.deploy import ensure_concurrency_limit, slots_per_request
+    from avatarflow.request_limit import ensure_concurrency_limit, slots_per_request
 
     name = "test-fleet-rate"
     with temporary_settings(updates={PREFECT_API_URL: prefect_server.api_url,
@@ -81,7 +80,7 @@ def test_few_waiters_use_the_whole_rate(prefect_server):  # noqa: F811
     The product's limiter asks again within a token interval."""
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    from avatarflow.deploy import ensure_concurrency_limit, request_limiter
+    from avatarflow.request_limit import ensure_concurrency_limit, request_limiter
 
     name = "test-fleet-low-rate"
 

@@ -1,0 +1,141 @@
+"""The automations `avatarflow deploy` installs so that nothing waits on a dead worker: runs whose
+heartbeats stop are CRASHED (the batch dispatches their rows again), runs a dead worker took go
+back to the queue, and a batch run whose worker died is run again."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
+PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
+PENDING_S = 120  # a worker that took a run starts it within seconds
+BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
+BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
+BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
+HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
+MISSED_HEARTBEATS = 3
+BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS - 15  # before the crash detector's 90 s
+TAGGED = "prefect.tag.{tag}"
+
+
+def _silent_for(within_s: float, tag: str | None = None) -> Any:
+    """A trigger: a flow run (tagged `tag`, if given) that sent a heartbeat and then neither
+    another one nor a final state within `within_s`."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    return EventTrigger(
+        match={"prefect.resource.id": "prefect.flow-run.*"},
+        match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)} if tag else {},
+        after={"prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=within_s),
+    )
+
+
+def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
+    """Prefect's recipe for runs whose process died: a flow run that sent a heartbeat and then,
+    within `within_s`, neither another heartbeat nor a final state, is set CRASHED."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore
+
+    return AutomationCore(
+        name=CRASH_AUTOMATION,
+        description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED, so the "
+                    "avatarflow batch dispatches their rows again.",
+        trigger=_silent_for(within_s),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within_s:.0f} s: its worker is gone")],
+    )
+
+
+def pending_automation(within_s: float = PENDING_S) -> Any:
+    """A flow run a worker took (PENDING) and then did not start within `within_s` (the worker
+    died between the two) goes back to SCHEDULED, for another worker: without it, such a run
+    (a batch, or a row) stays PENDING for ever."""
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=PENDING_AUTOMATION,
+        description="Flow runs taken by a worker that died before starting them go back to the queue.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.Pending"},
+            expect={"prefect.flow-run.Running", "prefect.flow-run.Scheduled", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Cancelling",
+                    "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        ),
+        actions=[_back_in_the_queue(f"not started {within_s:.0f} s after a worker took it")],
+    )
+
+
+def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
+    """A batch run (a flow run tagged `tag`) that CRASHED (its worker died; the heartbeat
+    automation says so) goes back to SCHEDULED, and a live worker runs it again: the same flow
+    run picks up where it stopped (archived rows from their records, in-flight rows' children
+    found again by their idempotency keys). Without it the batch stays CRASHED, and its rows
+    wait for someone to rerun it. Rows' own runs are not requeued: the batch dispatches them
+    again."""
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    return AutomationCore(
+        name=BATCH_AUTOMATION,
+        description="Batch runs whose worker died go back to the queue; the batch resumes its rows.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)},
+            expect={"prefect.flow-run.Crashed"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[_back_in_the_queue("the batch run crashed (its worker died)")],
+    )
+
+
+def silent_batch_automation(tag: str = BATCH_TAG, within_s: float = BATCH_SILENT_S) -> Any:
+    """A batch run (tagged `tag`) whose heartbeats stop goes back to SCHEDULED after
+    `within_s`, before the crash detector would set it CRASHED: the requeue on the Crashed event
+    alone is not enough, because the server holds an event until it has seen the one it follows,
+    and after a server restart the run's Running event (before the restart) is never seen again:
+    the Crashed event waited, and the batch stayed CRASHED (the fleet bench). Heartbeat events
+    follow nothing. The requeued run starts on a live worker within seconds and beats again, so
+    the crash detector's window is met."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    return AutomationCore(
+        name=BATCH_HEARTBEAT_AUTOMATION,
+        description="Batch runs whose heartbeats stopped (their worker died) go back to the queue.",
+        trigger=_silent_for(within_s, tag),
+        actions=[_back_in_the_queue(f"no heartbeat for {within_s:.0f} s: its worker is gone")],
+    )
+
+
+def _back_in_the_queue(why: str) -> Any:
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    return ChangeFlowRunState(state=StateType.SCHEDULED, force=True, message=f"{why}: back in the queue")
+
+
+def all_automations() -> list[Any]:
+    """What `avatarflow deploy` installs, in order."""
+    return [crash_automation(), pending_automation(), crashed_batch_automation(), silent_batch_automation()]
+
+
+async def ensure_automation(automation: Any) -> str:
+    """Create `automation`, replacing any of its name; its id."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for old in await client.read_automations_by_name(automation.name):
+            await client.delete_automation(old.id)
+        return str(await client.create_automation(automation))
