@@ -4,7 +4,6 @@ allowed server that redirects inward or overwhelms; s3:// outside the archive.""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -142,10 +141,9 @@ def test_allowed_server_cannot_lead_inward_or_overwhelm(hostile, case):
     _, field_name, path, rule = next(c for c in _origin_cases() if c[0] == case)
     url = f"{hostile.origin.base}{path}"
     request = {"image": url} if field_name == "image" else {"image": f"{hostile.root}/portrait.jpg", "audio": url}
-    t = time.monotonic()
+    # the slow body's total deadline is timed without Prefect in test_sources (a flow's own
+    # bookkeeping stalls under load: no wall-time bound here)
     _expect_rejected(_video(**_speech(request, "Hi."), seed=1), field_name, rule)
-    if case == "slow-body":  # the total deadline (2 s), once per try (the task retries a timeout twice)
-        assert time.monotonic() - t < 30
 
 
 def test_the_local_apis_own_routes_leak_nothing(hostile):
