@@ -14,7 +14,8 @@ pool and outlive the batch's own worker. The orchestrator is not the row's truth
 * **Orchestrator failures never fail a row** (a 503, a reset connection, a server restart, a
   child that never started, a crashed worker): every call to the server is retried with backoff
   until it answers; a child that crashed, was cancelled, or did not start within
-  ``start_timeout_s`` is dispatched again (a new child, with an idempotency key per attempt).
+  ``start_timeout_s`` after a worker took it is dispatched again (a new child, with an
+  idempotency key per attempt).
   Dispatching again is safe: a row's request carries a seed (rows without one get
   :func:`row_seed`, derived from the calendar, the day and the line), so a second child makes
   the same fingerprint: an archived video is a cache hit, a submitted request is resumed by the
@@ -48,7 +49,6 @@ from avatarflow.store import Store
 T = TypeVar("T")
 CHILD_DEPLOYMENT = "avatar_video/on-demand"
 RETRYABLE = ("CRASHED", "CANCELLED")
-WAITING = ("SCHEDULED", "PENDING", "PAUSED")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 SEED_SPACE = 1_000_000_000
 # A child that failed with one of these failed for its row's own reason: not dispatched again
@@ -77,6 +77,13 @@ def request_sha(request: Any) -> str:
     row still asks for the same thing."""
     data = request.model_dump(mode="json") if hasattr(request, "model_dump") else request
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def never_started(state: str | None, waited_s: float, start_timeout_s: float) -> bool:
+    """A child that a worker took (PENDING) and did not start within `start_timeout_s` (its
+    worker died in between): cancelled and dispatched again. A SCHEDULED child is waiting its
+    turn in the pool's queue (workers take runs as their `--limit` allows): it is left there."""
+    return state == "PENDING" and waited_s > start_timeout_s
 
 
 def row_record_key(store: Store, key: str, line: int) -> str:
@@ -224,7 +231,7 @@ async def run_row(
                 if child.state in RETRYABLE:
                     log(f"line {line}: child {name} {child.state} ({child.message}); dispatching again")
                     break
-                if child.state in WAITING and time.monotonic() - since > start_timeout_s:
+                if never_started(child.state, time.monotonic() - since, start_timeout_s):
                     log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
                     await _cancel(client, fr.id, log)
                     break

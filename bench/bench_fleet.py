@@ -51,7 +51,8 @@ def max_per_window(times: list[float], window: float = 60.0) -> int:
 
 
 def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: float, restart_server_at: float,
-              restart_s3_at: float, kills: int | None, timeout: float, max_concurrency: int, seed: int = 7,
+              restart_s3_at: float, kills: int | None, timeout: float, max_concurrency: int,
+              worker_limit: int | None = None, seed: int = 7,
               direct_engine: bool = False,
               home: Path | None = None, api: Any = None, s3_home: Path | None = None) -> dict[str, Any]:
     """The whole chaos run; returns the figures. `api`: a running local API (LocalApi-like:
@@ -75,9 +76,10 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
     env = worker_env(dict(os.environ), api.base_url, api.api_key, s3_settings, prefix, home)
     for k in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
         env.pop(k, None)
-    fleet = Fleet(home, env)
+    fleet = Fleet(home, env, worker_limit=worker_limit)
     figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute,
-                               "direct_engine": direct_engine, "max_concurrency": max_concurrency}
+                               "direct_engine": direct_engine, "max_concurrency": max_concurrency,
+                               "worker_limit": worker_limit}
     stop_chaos = threading.Event()
     try:
         fleet.start_server()
@@ -222,8 +224,11 @@ def main() -> None:
     ap.add_argument("--kill-every", type=float, default=60.0)
     ap.add_argument("--restart-server-at", type=float, default=150.0, help="seconds after the batch starts")
     ap.add_argument("--restart-s3-at", type=float, default=240.0, help="seconds after the batch starts")
-    ap.add_argument("--max-concurrency", type=int, default=12,
-                    help="the batch's child runs in flight (a killed worker takes a third of them with it)")
+    ap.add_argument("--max-concurrency", type=int, default=45,
+                    help="the batch's child runs dispatched at once (running, or queued in the pool)")
+    ap.add_argument("--worker-limit", type=int, default=5,
+                    help="flow runs a worker runs at once (`prefect worker start --limit`): a killed worker "
+                         "takes only these with it, and its successor takes queued runs at once")
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
                     help="the pool's command starts the engine directly (one process a flow run, not two)")
@@ -231,7 +236,8 @@ def main() -> None:
     f = run_fleet(rows=args.rows, workers=args.workers, requests_per_minute=args.requests_per_minute,
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,
-                  max_concurrency=args.max_concurrency, direct_engine=args.direct_engine)
+                  max_concurrency=args.max_concurrency, worker_limit=args.worker_limit,
+                  direct_engine=args.direct_engine)
     print_figures(f)
     print(json.dumps(f, default=str))
 

@@ -33,6 +33,7 @@ class Fleet:
 
     home: Path
     env: dict[str, str]
+    worker_limit: int | None = None  # `prefect worker start --limit`: flow runs a worker runs at once
     server: Any = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
@@ -115,7 +116,8 @@ class Fleet:
         log = open(self.home / f"worker-{n}.log", "ab")
         w = subprocess.Popen(
             [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL, "--type", "process",
-             "--name", f"fleet-worker-{n}-{uuid.uuid4().hex[:4]}"],
+             "--name", f"fleet-worker-{n}-{uuid.uuid4().hex[:4]}",
+             *(["--limit", str(self.worker_limit)] if self.worker_limit else [])],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.workers.append(w)
