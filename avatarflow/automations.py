@@ -15,7 +15,7 @@ BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
 BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
-BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS - 15  # before the crash detector's 90 s
+BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS + 15  # after the crash detector's 90 s
 TAGGED = "prefect.tag.{tag}"
 
 
@@ -103,12 +103,14 @@ def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
 
 def silent_batch_automation(tag: str = BATCH_TAG, within_s: float = BATCH_SILENT_S) -> Any:
     """A batch run (tagged `tag`) whose heartbeats stop goes back to SCHEDULED after
-    `within_s`, before the crash detector would set it CRASHED: the requeue on the Crashed event
-    alone is not enough, because the server holds an event until it has seen the one it follows,
-    and after a server restart the run's Running event (before the restart) is never seen again:
-    the Crashed event waited, and the batch stayed CRASHED (the fleet bench). Heartbeat events
-    follow nothing. The requeued run starts on a live worker within seconds and beats again, so
-    the crash detector's window is met."""
+    `within_s`: the requeue on the Crashed event alone is not enough, because the server holds
+    an event until it has seen the one it follows, and after a server restart the run's Running
+    event (before the restart) is never seen again: the Crashed event waited, and the batch
+    stayed CRASHED (the fleet bench). Heartbeat events follow nothing. It comes after the crash
+    detector's window, not before: a requeued run can wait in the queue for a worker's free
+    slot, and the crash detector (whose trigger the held Scheduled event never reached) set the
+    waiting run CRASHED, for good. When the Crashed event is not held, its requeue comes first
+    and this trigger, expecting it, does not fire."""
     from prefect.events.schemas.automations import AutomationCore
 
     return AutomationCore(

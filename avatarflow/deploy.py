@@ -26,6 +26,9 @@ from avatarflow.errors import DeployError
 from avatarflow.request_limit import REQUESTS_PER_MINUTE, ensure_concurrency_limit
 
 WORK_POOL = "avatarflow-process"
+# The content-calendar deployment's queue, first in the pool: a batch run put back in the queue
+# (its worker died) is taken before the rows it dispatched, as soon as a worker has a free slot.
+BATCH_QUEUE = "batch"
 # prefect.yaml ships in the package (the repository's deployments/ is avatarflow.deployments).
 PREFECT_FILE = Path(str(importlib.resources.files("avatarflow.deployments") / "prefect.yaml"))
 
@@ -57,7 +60,8 @@ def client_settings(url: str) -> dict[Any, str]:
 
 
 async def ensure_work_pool(name: str = WORK_POOL) -> bool:
-    """The process work pool; True when it was created now."""
+    """The process work pool, with the queue :data:`BATCH_QUEUE` at priority 1 (workers poll a
+    pool's queues in priority order); True when the pool was created now."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -65,9 +69,15 @@ async def ensure_work_pool(name: str = WORK_POOL) -> bool:
     async with get_client() as client:
         try:
             await client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-            return True
+            created = True
         except ObjectAlreadyExists:
-            return False
+            created = False
+        try:
+            await client.create_work_queue(name=BATCH_QUEUE, work_pool_name=name, priority=1)
+        except ObjectAlreadyExists:
+            await client.update_work_queue(next(q.id for q in await client.read_work_queues(name)
+                                                if q.name == BATCH_QUEUE), priority=1)
+    return created
 
 
 def _expected(prefect_file: Path) -> list[dict[str, Any]]:
@@ -94,9 +104,10 @@ async def check_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
             names.append(full)
             if got.entrypoint != want["entrypoint"]:
                 problems.append(f"{full}: entrypoint {got.entrypoint!r}, want {want['entrypoint']!r}")
-            pool = (want.get("work_pool") or {}).get("name")
-            if pool and got.work_pool_name != pool:
-                problems.append(f"{full}: work pool {got.work_pool_name!r}, want {pool!r}")
+            for field, attr in (("name", "work_pool_name"), ("work_queue_name", "work_queue_name")):
+                want_value, got_value = (want.get("work_pool") or {}).get(field), getattr(got, attr)
+                if want_value and got_value != want_value:
+                    problems.append(f"{full}: {attr} {got_value!r}, want {want_value!r}")
             for k, v in (want.get("parameters") or {}).items():
                 if (got.parameters or {}).get(k) != v:
                     problems.append(f"{full}: parameter {k}={(got.parameters or {}).get(k)!r}, want {v!r}")

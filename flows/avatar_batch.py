@@ -215,6 +215,11 @@ async def avatar_batch(
         raise ValueError(f"fan_out={fan_out!r} is not allowed; allowed: {', '.join(FAN_OUT)}")
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
+    if (flow_run.run_count or 0) > 1 and flow_run.id:  # started again (put back in the queue)
+        done, _ = await store.read_json(f"{store.key('batches', str(flow_run.id))}/manifest.json")
+        if done:  # it had finished (a server restart held back its Completed event): nothing to make
+            logger.info("this run finished before (its manifest is in the archive): its rows are not made again")
+            return _result(store, done)
     day = today or datetime.now(timezone.utc).date()
     # the calendar and its rows' sources are untrusted: fetched and checked through the operator's
     # source policy (no parameter of this flow widens it)
@@ -292,7 +297,8 @@ async def avatar_batch(
     prefix = store.key("batches", run_id)
     summary = {"calendar": shown, "day": day.isoformat(), "flow_run_id": run_id, "budget": budget,
                "estimated": budget_plan.planned, "spent": spent, "concurrency_limit": concurrency_limit, **counts}
-    await store.put_json(f"{prefix}/manifest.json", {**summary, "columns": list(MANIFEST_COLUMNS), "rows": entries})
+    manifest = {**summary, "columns": list(MANIFEST_COLUMNS), "rows": entries}
+    await store.put_json(f"{prefix}/manifest.json", manifest)
     await asyncio.to_thread(store.s3.put_object, Bucket=store.bucket, Key=f"{prefix}/manifest.csv",
                             Body=manifest_csv(entries).encode(), ContentType="text/csv")
     manifest_json, manifest_csv_uri = store.uri(f"{prefix}/manifest.json"), store.uri(f"{prefix}/manifest.csv")
@@ -311,5 +317,12 @@ async def avatar_batch(
     except Exception as e:
         logger.warning("manifest link artifact not created: %s", e)
     logger.info("batch done: %s; spent $%.3f; manifest %s", counts, spent, manifest_csv_uri)
-    return {**summary, "rows": len(entries), "manifest_json": manifest_json, "manifest_csv": manifest_csv_uri,
-            "entries": entries}
+    return _result(store, manifest)
+
+
+def _result(store: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the flow returns: the manifest's summary, its rows as `entries`, and its URIs."""
+    prefix = store.key("batches", manifest["flow_run_id"])
+    return {**{k: v for k, v in manifest.items() if k not in ("columns", "rows")}, "rows": len(manifest["rows"]),
+            "manifest_json": store.uri(f"{prefix}/manifest.json"), "manifest_csv": store.uri(f"{prefix}/manifest.csv"),
+            "entries": manifest["rows"]}

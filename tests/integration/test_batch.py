@@ -178,6 +178,28 @@ def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
     assert api_requests >= 4 and api_requests - 3 <= taken <= api_requests, (gcl, stats)
 
 
+def test_a_finished_batch_run_started_again_returns_its_manifest_and_makes_nothing(
+    api, pipeline_env, tmp_path, portrait_path, s3, monkeypatch
+):
+    """A batch run that finished and is started again (the requeue automation, when a server
+    restart held back its Completed event) does not make its rows again: it returns the
+    manifest it wrote. Before, it ran every row again (cache hits, cost 0) and overwrote the
+    manifest with them."""
+    calendar = _write(tmp_path / "one.csv", [
+        {"image": str(portrait_path), "voice_script": "Once.", "seed": "11", "publish_date": "2026-11-24"}])
+    first = asyncio.run(avatar_batch(calendar=calendar, today=DAY, concurrency_limit=None))
+    assert first["completed"] == 1 and first["entries"][0]["cache_hit"] is False
+    before = api.stats()["requests"]
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", first["flow_run_id"])
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__RUN_COUNT", "2")
+    again = asyncio.run(avatar_batch(calendar=calendar, today=DAY, concurrency_limit=None))
+    assert again["flow_run_id"] == first["flow_run_id"]
+    assert again["entries"] == first["entries"], "the rows were made again"
+    assert api.stats()["requests"] == before
+    bucket, key = first["manifest_json"][5:].split("/", 1)
+    assert json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["rows"] == first["entries"]
+
+
 def test_batch_command(pipeline_env, tmp_path, portrait_path):
     """`avatarflow batch`: a calendar with nothing to make but a bad row (exit 1: a row failed), a
     bad --today (exit 2: bad input)."""

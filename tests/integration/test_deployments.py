@@ -83,6 +83,10 @@ def test_deploy_run_trigger_schedule_batch_and_artifacts(
     on_demand = _deployment(url, "avatar_video/on-demand")
     batch = _deployment(url, "avatar_batch/content-calendar")
     uploaded = _deployment(url, "avatar_video/on-portrait-uploaded")
+    # the batch's queue is first in the pool: a requeued batch run is taken before its rows
+    queues = {q["name"]: q for q in _call("POST", f"{url}/work_pools/avatarflow-process/queues/filter", json={}).json()}
+    assert queues["batch"]["priority"] == 1 and queues["default"]["priority"] > 1, queues
+    assert batch["work_queue_name"] == "batch" and on_demand["work_queue_name"] == "default"
 
     # the UI form: request's voice, voice_language and resolution are enums (drop-downs)
     schema = on_demand["parameter_openapi_schema"]

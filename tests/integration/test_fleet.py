@@ -195,12 +195,19 @@ def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_t
     """The bench: the batch run's worker was killed after the Prefect server had restarted; the
     heartbeat automation set the run CRASHED, but the requeue (reactive, on the Crashed event)
     did not fire: the server holds an event until it has seen the one it follows, and the
-    Running event it followed came before the restart. The batch stayed CRASHED (the bench
-    reran it by hand). A batch run whose heartbeats stop goes back to SCHEDULED itself."""
+    Running event it followed came before the restart. A batch run whose heartbeats stop goes
+    back to SCHEDULED itself, and stays there until a worker takes it: when the requeue came
+    before the crash detector's window and no worker had a free slot (workers at their
+    `--limit`), the crash detector set the waiting run CRASHED 15 s later, for good (the bench).
+    Here no worker takes it (its queue is paused)."""
     later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
     dep = fleet.deployment("avatar_batch/content-calendar")
+    held = f"held-{uuid.uuid4().hex[:6]}"
+    r = fleet.api("POST", f"/work_pools/{dep['work_pool_name']}/queues", json={"name": held, "is_paused": True})
+    assert r.status_code == 201, r.text
     run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
-                    json={"parameters": {"calendar": "s3://nowhere/none.csv", "today": DAY}, "state": later}).json()
+                    json={"parameters": {"calendar": "s3://nowhere/none.csv", "today": DAY}, "state": later,
+                          "work_queue_name": held}).json()
     r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
     assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
     related = [{"prefect.resource.id": f"prefect.deployment.{dep['id']}", "prefect.resource.role": "deployment"}] + [
@@ -210,14 +217,12 @@ def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_t
             "resource": {"prefect.resource.id": f"prefect.flow-run.{run['id']}", "prefect.resource.name": run["name"]}}
     r = fleet.api("POST", "/events", json=[beat])
     assert r.status_code in (200, 202, 204), r.text
+    beat_at = time.time()
     time.sleep(5)
     fleet.restart_server()  # the Running event is now from before the restart; no heartbeat follows
-    deadline, states = time.time() + 200, []
-    while time.time() < deadline:
-        history = fleet.api("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
-        states = [h["type"] for h in sorted(history, key=lambda h: h["timestamp"])]
-        if "RUNNING" in states and states.index("RUNNING") < len(states) - 1 and states[-1] != "CRASHED" and \
-                "SCHEDULED" in states[states.index("RUNNING"):]:
-            break
-        time.sleep(3)
+    while time.time() < beat_at + 150:  # past the crash detector's window and the requeue's
+        time.sleep(5)
+    history = fleet.api("GET", "/flow_run_states/", params={"flow_run_id": run["id"]}).json()
+    states = [h["type"] for h in sorted(history, key=lambda h: h["timestamp"])]
     assert "SCHEDULED" in states[states.index("RUNNING"):], f"the batch run did not go back to the queue: {states}"
+    assert states[-1] == "SCHEDULED", f"the requeued batch run did not stay in the queue: {states}"
