@@ -140,7 +140,7 @@ async def deploy_all(url: str, prefect_file: Path = PREFECT_FILE) -> list[str]:
                           f"{proc.stderr[-2000:]}") from None
 
 
-async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, burst: int | None = None,
+async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, burst: float | None = None,
                 register_blocks: Any = None, log: Any = print) -> dict[str, Any]:
     """Everything `avatarflow deploy` does, in order, against the server at `url`.
     `register_blocks()`: registers the blocks and returns their names (the CLI passes
@@ -156,7 +156,7 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
         out["limit"] = await ensure_concurrency_limit(requests_per_minute, burst)
         lim = out["limit"]
         log(f"limit       {lim['name']}: {lim['requests_per_minute']}/min in any minute "
-            f"(burst {lim['limit']}, then {lim['slot_decay_per_second']:.3f}/s; "
+            f"(burst {lim['limit']:g}, then {lim['slot_decay_per_second']:.3f}/s; "
             f"{lim['slots_per_request']} slots a request)")
         out["work_pool_created"] = await ensure_work_pool()
         log(f"work pool   {WORK_POOL}{' (created)' if out['work_pool_created'] else ''}")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:  # `python -m avatarflow.deploy
 
     ap = argparse.ArgumentParser(description="The concurrency limit, work pool, crash automation and deployments.")
     ap.add_argument("--requests-per-minute", type=int, default=REQUESTS_PER_MINUTE)
-    ap.add_argument("--burst", type=int, default=None)
+    ap.add_argument("--burst", type=float, default=None)
     args = ap.parse_args(argv)
     asyncio.run(setup(api_url(), requests_per_minute=args.requests_per_minute, burst=args.burst))
 

@@ -23,18 +23,23 @@ SLOTS_PER_REQUEST = 100
 RETRY_FLOOR_S = 2.0
 
 
-def limit_slots(requests_per_minute: int, burst: int | None = None) -> tuple[int, float]:
-    """(limit, slot_decay_per_second) of a global concurrency limit that lets at most
-    `requests_per_minute` requests through in ANY 60 s window.
+def limit_slots(requests_per_minute: int, burst: float | None = None) -> tuple[float, float]:
+    """(limit, slot_decay_per_second), in requests, of a global concurrency limit that lets at
+    most `requests_per_minute` requests through in ANY 60 s window.
 
-    A limit with slot decay is a token bucket: `limit` slots taken at once (the burst), freed at
-    `slot_decay_per_second`. A 60 s window can see the burst plus a minute of decay, so the two
-    share the budget: burst + 60 x decay = requests_per_minute. While the limit binds (the bucket
-    empty) it lets through 60 x decay = requests_per_minute - burst a minute, so the default burst
-    is a twentieth of it (at least 1): 95 % of the rate while it binds (a fifth let 80 % through)."""
+    A limit with slot decay is a token bucket: `limit` requests taken at once (the burst), freed
+    at `slot_decay_per_second`. A 60 s window can see the burst plus a minute of decay, so the
+    two share the budget: burst + 60 x decay = requests_per_minute. While the limit binds (the
+    bucket empty) it lets through 60 x decay = requests_per_minute - burst a minute, so the
+    default burst is a twentieth of it (a fifth let 80 % through), and at least one request
+    plus half a second of the rate: a bucket of exactly one request is empty when a token falls
+    due, so the decay until the winning waiter's request arrives (the server's round trip, a
+    busy event loop) was lost: the fleet bench's binding minutes let through 22 of 24
+    (tests/unit/test_request_limit.py simulates Prefect's arithmetic)."""
     if requests_per_minute < 1:
         raise ValueError(f"requests_per_minute={requests_per_minute} is not allowed; allowed: 1 or more")
-    burst = max(1, requests_per_minute // 20) if burst is None else burst
+    if burst is None:
+        burst = min(float(requests_per_minute), max(1 + requests_per_minute / 120, requests_per_minute / 20))
     if not 1 <= burst <= requests_per_minute:
         raise ValueError(f"burst={burst} is not allowed; allowed: 1 to {requests_per_minute}")
     if burst == requests_per_minute:  # all at once, then a minute to refill
@@ -42,7 +47,7 @@ def limit_slots(requests_per_minute: int, burst: int | None = None) -> tuple[int
     return burst, (requests_per_minute - burst) / 60.0
 
 
-async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUTE, burst: int | None = None,
+async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUTE, burst: float | None = None,
                                    name: str = CONCURRENCY_LIMIT) -> dict[str, Any]:
     """Create or update the global concurrency limit `name` with slot decay; read back. On the
     server it counts SLOTS_PER_REQUEST slots a request (limit and decay scaled); the answer is in
@@ -55,7 +60,7 @@ async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUT
     from prefect.exceptions import ObjectNotFound
 
     limit, decay = limit_slots(requests_per_minute, burst)
-    slots, slots_decay = limit * SLOTS_PER_REQUEST, decay * SLOTS_PER_REQUEST
+    slots, slots_decay = round(limit * SLOTS_PER_REQUEST), decay * SLOTS_PER_REQUEST
     async with get_client() as client:
         try:
             await client.read_global_concurrency_limit_by_name(name)
@@ -68,17 +73,18 @@ async def ensure_concurrency_limit(requests_per_minute: int = REQUESTS_PER_MINUT
     if got.limit != slots or abs((got.slot_decay_per_second or 0) - slots_decay) > 1e-6:
         raise DeployError(f"concurrency limit {name}: the server has limit={got.limit}, decay="
                           f"{got.slot_decay_per_second}; asked limit={slots}, decay={slots_decay}")
-    return {"name": got.name, "limit": got.limit // SLOTS_PER_REQUEST,
+    return {"name": got.name, "limit": got.limit / SLOTS_PER_REQUEST,
             "slot_decay_per_second": (got.slot_decay_per_second or 0) / SLOTS_PER_REQUEST,
             "slots_per_request": SLOTS_PER_REQUEST, "requests_per_minute": requests_per_minute}
 
 
 def slots_per_request(limit: Any) -> int:
     """The slots one API request takes of the global concurrency limit `limit` (as read from
-    the server): SLOTS_PER_REQUEST for a limit `avatarflow deploy` made, 1 for one made before
-    it counted in hundredths (run `avatarflow deploy` again to get the full rate)."""
+    the server): SLOTS_PER_REQUEST for a limit `avatarflow deploy` made (its burst is at least
+    one request), 1 for one made before it counted in hundredths (run `avatarflow deploy` again
+    to get the full rate)."""
     size = int(getattr(limit, "limit", 0) or 0)
-    return SLOTS_PER_REQUEST if size >= SLOTS_PER_REQUEST and size % SLOTS_PER_REQUEST == 0 else 1
+    return SLOTS_PER_REQUEST if size >= SLOTS_PER_REQUEST else 1
 
 
 def retry_wait(active_slots: float, limit: float, occupy: float, decay: float) -> float:

@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="200 rows through avatar_batch under a rate limit")
     ap.add_argument("--rows", type=int, default=200)
     ap.add_argument("--per-minute", type=int, default=300)
-    ap.add_argument("--burst", type=int, default=None, help="slots at once (default: a fifth of --per-minute)")
+    ap.add_argument("--burst", type=float, default=None, help="requests at once (default: avatarflow.request_limit.limit_slots)")
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--expected-seconds", type=float, default=20.0,
                     help="per row: shapes polling; the deadline is 10x (the local queue grows under load)")

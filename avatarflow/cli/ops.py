@@ -20,7 +20,7 @@ blocks_app = typer.Typer(help="Prefect blocks: credentials, archive, presets.", 
 def deploy(
     requests_per_minute: int = typer.Option(
         REQUESTS_PER_MINUTE, help="The account's API requests per minute (vendor pro plan: 50)."),
-    burst: Optional[int] = typer.Option(None, help="Requests allowed at once (default: a fifth of --requests-per-minute)."),
+    burst: Optional[float] = typer.Option(None, help="Requests allowed at once (default: a twentieth of --requests-per-minute, at least 1 plus half a second of it)."),
     backend: Optional[str] = typer.Option(None, help="Backend whose credentials the blocks hold (segmind or local)."),
     blocks: bool = typer.Option(True, "--blocks/--no-blocks", help="Register the blocks."),
 ) -> None:

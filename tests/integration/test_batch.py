@@ -111,7 +111,7 @@ def test_limit_slots_hold_the_rate_in_any_minute():
         limit, decay = limit_slots(per_minute, burst)
         worst = limit + 60 * decay if limit < per_minute else per_minute
         assert worst == pytest.approx(per_minute), (per_minute, burst)
-    assert limit_slots(50) == (2, pytest.approx(48 / 60))  # 96 % of the rate while it binds
+    assert limit_slots(50) == (2.5, pytest.approx(47.5 / 60))  # 95 % of the rate while it binds
 
 
 def test_batch_fails_bad_rows_alone_respects_the_budget_and_writes_a_manifest(
