@@ -18,7 +18,9 @@ a row, and a row's outcome is read from the archive (avatarflow.fleet). Run here
 script), rows are in-process subflows. Either way a row without a seed gets one derived from the
 calendar, the day and the line, and each row's outcome is recorded in the bucket: a rerun for the
 same calendar and day finds archived rows there (no child run), and re-made rows resume their
-request through the ledger (nothing is submitted twice)."""
+request through the ledger (nothing is submitted twice). A batch run put back in the queue
+(avatarflow.automations: its worker died) that had finished returns its manifest; one started
+more than MAX_BATCH_STARTS times fails."""
 
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ from prefect.runtime import flow_run
 from avatarflow import fleet
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
+from avatarflow.errors import AvatarflowError
 from avatarflow.inputs import TemplateError
 from avatarflow.media.policy import display_source, resolve_policy
 from avatarflow.flows.avatar_video import avatar_video, resolve
@@ -59,6 +62,7 @@ REPORT_COLUMNS = 4
 PRESIGN_S = 7 * 24 * 3600
 DEFAULT_CONCURRENCY_LIMIT = "avatarflow-api"
 PROGRESS_EVERY_S = 2.0
+MAX_BATCH_STARTS = 50  # a batch run put back in the queue (its worker died) this often fails instead
 
 
 def _entry(row: Row, status: str, **kw: Any) -> dict[str, Any]:
@@ -215,11 +219,17 @@ async def avatar_batch(
         raise ValueError(f"fan_out={fan_out!r} is not allowed; allowed: {', '.join(FAN_OUT)}")
     logger = get_run_logger()
     _, store = await resolve(credentials_block, archive_block, backend)
-    if (flow_run.run_count or 0) > 1 and flow_run.id:  # started again (put back in the queue)
+    starts = flow_run.run_count or 0
+    if starts > 1 and flow_run.id:  # started again (put back in the queue)
         done, _ = await store.read_json(f"{store.key('batches', str(flow_run.id))}/manifest.json")
         if done:  # it had finished (a server restart held back its Completed event): nothing to make
             logger.info("this run finished before (its manifest is in the archive): its rows are not made again")
             return _result(store, done)
+        if starts > MAX_BATCH_STARTS:
+            raise AvatarflowError(
+                f"this batch run has started {starts} times (its worker died each time; out of memory?); "
+                f"it is not started again: run the deployment again for the same calendar and day "
+                f"(archived rows are kept, in-flight requests resumed)")
     day = today or datetime.now(timezone.utc).date()
     # the calendar and its rows' sources are untrusted: fetched and checked through the operator's
     # source policy (no parameter of this flow widens it)

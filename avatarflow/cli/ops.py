@@ -40,7 +40,7 @@ def deploy(
     url = guard(api_url)
     guard(lambda: asyncio.run(setup(url, requests_per_minute=requests_per_minute, burst=burst,
                                     register_blocks=register, log=typer.echo)))
-    typer.echo(f"worker:     PREFECT_API_URL={url} PREFECT_API_AUTH_STRING=... prefect worker start --pool {WORK_POOL}")
+    typer.echo(f"worker:     PREFECT_API_URL={url} PREFECT_API_AUTH_STRING=... prefect worker start --pool {WORK_POOL} --limit 5")
 
 
 def emit(

@@ -200,6 +200,25 @@ def test_a_finished_batch_run_started_again_returns_its_manifest_and_makes_nothi
     assert json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["rows"] == first["entries"]
 
 
+def test_a_batch_run_started_too_many_times_fails_and_makes_nothing(api, pipeline_env, tmp_path, portrait_path,
+                                                                    monkeypatch):
+    """The requeue automations put a batch run whose worker died back in the queue; one that
+    kills its worker every time (out of memory, say) would be started for ever."""
+    import uuid
+
+    from avatarflow.errors import AvatarflowError
+    from avatarflow.flows.avatar_batch import MAX_BATCH_STARTS
+
+    calendar = _write(tmp_path / "one.csv", [
+        {"image": str(portrait_path), "voice_script": "Never.", "seed": "12", "publish_date": "2026-11-24"}])
+    before = api.stats()["requests"]
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", str(uuid.uuid4()))
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__RUN_COUNT", str(MAX_BATCH_STARTS + 1))
+    with pytest.raises(AvatarflowError, match=f"started {MAX_BATCH_STARTS + 1} times"):
+        asyncio.run(avatar_batch(calendar=calendar, today=DAY, concurrency_limit=None))
+    assert api.stats()["requests"] == before
+
+
 def test_batch_command(pipeline_env, tmp_path, portrait_path):
     """`avatarflow batch`: a calendar with nothing to make but a bad row (exit 1: a row failed), a
     bad --today (exit 2: bad input)."""
