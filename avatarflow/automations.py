@@ -12,6 +12,7 @@ PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
 PENDING_S = 120  # a worker that took a run starts it within seconds
 BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
 BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
+TAG = "avatarflow"  # the tag of every avatarflow deployment (prefect.yaml)
 BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
@@ -19,15 +20,18 @@ BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS + 15  # after the crash detecto
 TAGGED = "prefect.tag.{tag}"
 
 
-def _silent_for(within_s: float, tag: str | None = None) -> Any:
-    """A trigger: a flow run (tagged `tag`, if given) that sent a heartbeat and then neither
-    another one nor a final state within `within_s`."""
+def _silent_for(within_s: float, tag: str) -> Any:
+    """A trigger: a flow run tagged `tag` that started RUNNING or sent a heartbeat, and then
+    neither another heartbeat nor a final state within `within_s`. The Running event arms it
+    too: a run killed before its first heartbeat stayed RUNNING for ever (the fleet bench). The
+    tag keeps it to avatarflow's runs, which beat (prefect.yaml); a run without heartbeats (a
+    script's, the CLI's) would be set CRASHED while it runs."""
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     return EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)} if tag else {},
-        after={"prefect.flow-run.heartbeat"},
+        match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)},
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
         for_each={"prefect.resource.id"},
@@ -38,8 +42,9 @@ def _silent_for(within_s: float, tag: str | None = None) -> Any:
 
 
 def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
-    """Prefect's recipe for runs whose process died: a flow run that sent a heartbeat and then,
-    within `within_s`, neither another heartbeat nor a final state, is set CRASHED."""
+    """Prefect's recipe for runs whose process died: an avatarflow flow run that started or
+    sent a heartbeat and then, within `within_s`, neither another heartbeat nor a final state,
+    is set CRASHED."""
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import AutomationCore
@@ -48,7 +53,7 @@ def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
         name=CRASH_AUTOMATION,
         description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED, so the "
                     "avatarflow batch dispatches their rows again.",
-        trigger=_silent_for(within_s),
+        trigger=_silent_for(within_s, TAG),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {within_s:.0f} s: its worker is gone")],
     )

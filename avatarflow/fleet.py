@@ -34,6 +34,7 @@ whose heartbeats stop as CRASHED (avatarflow.automations).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -77,6 +78,15 @@ def request_sha(request: Any) -> str:
     row still asks for the same thing."""
     data = request.model_dump(mode="json") if hasattr(request, "model_dump") else request
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _age_s(state: Any) -> float:
+    """Seconds since `state` was set (by the server's clock): a batch run started again finds a
+    child PENDING since long before it."""
+    from datetime import datetime, timezone
+
+    stamp = getattr(state, "timestamp", None)
+    return (datetime.now(timezone.utc) - stamp).total_seconds() if stamp else 0.0
 
 
 def never_started(state: str | None, waited_s: float, start_timeout_s: float) -> bool:
@@ -155,11 +165,16 @@ async def run_row(
     *, store: Store, request: dict[str, Any], line: int, key: str, options: dict[str, Any], run_name: str,
     deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 300.0,
     poll_s: float = 3.0, max_attempts: int = 8, row_deadline_s: float = 3 * 3600.0, request_sha: str | None = None,
+    dispatching: asyncio.Semaphore | None = None,
 ) -> dict[str, Any]:
     """One row through the work pool, brought home or failed for a reason of its own.
 
     Returns {status: completed|failed, fingerprint, s3_uri, request_id, seed, cost, run_name,
-    attempts, error, flow_run_id}; the outcome is also recorded for reruns."""
+    attempts, error, flow_run_id}; the outcome is also recorded for reruns. `dispatching`: the
+    batch's bound on child runs being created at once: a batch run started again finds all its
+    in-flight children again at once, and the server every child asks for its request slots is
+    the same one (in the fleet bench, the minute after a batch restart used a third to a half
+    of the limit)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -175,7 +190,9 @@ async def run_row(
             return {**done, "cache_hit": True, "cost": 0.0, "run_name": record.get("run_name"), "attempts": 0,
                     "flow_run_id": record.get("flow_run_id"), "error": None}
 
-    child = Child()
+    # a batch run started again (its worker died) goes on from the row's last child, found again
+    # by its idempotency key, instead of reading every earlier (crashed) child first
+    child = Child(attempts=max(0, int(record.get("attempts") or 0) - 1) if record.get("status") == "running" else 0)
     started = time.monotonic()
     outcome: dict[str, Any] | None = None
     async with get_client() as client:
@@ -187,13 +204,17 @@ async def run_row(
             child.attempts += 1
             name = run_name if child.attempts == 1 else f"{run_name}-retry-{child.attempts - 1}"
             idem = f"{key}:{line}:{child.attempts}"
-            fr = await patient(lambda: run_deployment(
-                deployment, parameters={"request": request, **options}, timeout=0, as_subflow=True,
-                flow_run_name=name, idempotency_key=idem, client=client), f"line {line}: dispatch", log)
+
+            async def dispatch() -> Any:
+                async with dispatching or contextlib.nullcontext():
+                    return await run_deployment(
+                        deployment, parameters={"request": request, **options}, timeout=0, as_subflow=True,
+                        flow_run_name=name, idempotency_key=idem, client=client)
+
+            fr = await patient(dispatch, f"line {line}: dispatch", log)
             child.flow_run_id = str(fr.id)
             await _record(store, record_key, {**record, "line": line, "flow_run_id": child.flow_run_id,
                                               "run_name": name, "attempts": child.attempts, "status": "running"}, log)
-            since = time.monotonic()
             delay = poll_s
             while True:
                 await asyncio.sleep(delay)
@@ -231,7 +252,7 @@ async def run_row(
                 if child.state in RETRYABLE:
                     log(f"line {line}: child {name} {child.state} ({child.message}); dispatching again")
                     break
-                if never_started(child.state, time.monotonic() - since, start_timeout_s):
+                if never_started(child.state, _age_s(st), start_timeout_s):
                     log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
                     await _cancel(client, fr.id, log)
                     break

@@ -165,6 +165,14 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         binding_end = submits[-1] if submits else t_first  # while rows still wait to be submitted, the limit binds
         binding = [t for t in times if t <= binding_end]
         binding_minutes = max((binding_end - t_first) / 60.0, 1e-9)
+        # the same, until fewer rows are left to submit than the fleet runs at once (workers x
+        # --limit): past that point the last rows (most re-dispatched after their worker was
+        # killed) cannot bind the limit whatever the fleet does
+        full_load = workers * (worker_limit or max_concurrency)
+        last_loaded = rows - full_load - 1  # the submit after which fewer than a full load were left
+        loaded_end = submits[last_loaded] if 0 <= last_loaded < len(submits) else binding_end
+        loaded = [t for t in times if t <= loaded_end]
+        loaded_minutes = max((loaded_end - t_first) / 60.0, 1e-9)
         children = [c for r in runs for c in fleet.children(r)]
         figures.update({
             "rows_completed": (manifest or {}).get("completed", 0),
@@ -177,6 +185,9 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "busiest_60s": max_per_window(times),
             "share_of_limit_while_binding": len(binding) / (requests_per_minute * binding_minutes),
             "binding_s": binding_end - t_first,
+            "share_of_limit_with_a_full_load_left": len(loaded) / (requests_per_minute * loaded_minutes),
+            "full_load_rows": full_load,
+            "full_load_s": loaded_end - t_first,
             "api_requests": len(times),
             "wall_s": wall,
             "kills": events["kills"],
@@ -208,6 +219,8 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"busiest 60 s window     {f['busiest_60s']} API requests (limit {f['requests_per_minute']}/min)")
     print(f"share of the limit      {100 * f['share_of_limit_while_binding']:.1f} % while it binds "
           f"({f['binding_s']:.0f} s, first request to last submit)")
+    print(f"                        {100 * f['share_of_limit_with_a_full_load_left']:.1f} % while at least "
+          f"{f['full_load_rows']} rows (workers x --limit) were left to submit ({f['full_load_s']:.0f} s)")
     print(f"wall time               {f['wall_s']:.0f} s")
     print(f"chaos                   {f['kills']} workers SIGKILLed with their runs; Prefect server restarted "
           f"in {f['server_restart_s'] or 0:.1f} s; SeaweedFS restarted in {f['s3_restart_s'] or 0:.1f} s")

@@ -62,6 +62,7 @@ REPORT_COLUMNS = 4
 PRESIGN_S = 7 * 24 * 3600
 DEFAULT_CONCURRENCY_LIMIT = "avatarflow-api"
 PROGRESS_EVERY_S = 2.0
+DISPATCH_AT_ONCE = 4  # child runs being created (or found again) at once: see fleet.run_row
 MAX_BATCH_STARTS = 50  # a batch run put back in the queue (its worker died) this often fails instead
 
 
@@ -96,7 +97,8 @@ async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[
 
 
 async def _make_remote(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any], run_name: str,
-                       *, store: Any, key: str, deployment: str, logger: Any) -> dict[str, Any]:
+                       *, store: Any, key: str, deployment: str, logger: Any,
+                       dispatching: asyncio.Semaphore | None = None) -> dict[str, Any]:
     """One row as a run of the on-demand deployment (a linked child run on any worker of the
     pool); its outcome from the archive, orchestrator failures retried (avatarflow.fleet)."""
     async with slots:
@@ -104,7 +106,8 @@ async def _make_remote(row: Row, estimate: float, slots: asyncio.Semaphore, opts
             out = await fleet.run_row(
                 store=store, request=row.request.model_dump(mode="json", exclude_none=True), line=row.line,
                 key=key, options={k: v for k, v in opts.items() if v is not None}, run_name=run_name,
-                deployment=deployment, log=logger.info, request_sha=fleet.request_sha(row.request))
+                deployment=deployment, log=logger.info, request_sha=fleet.request_sha(row.request),
+                dispatching=dispatching)
         except Exception as e:  # the archive or the server out of reach past every retry
             return _entry(row, "failed", estimated_cost=estimate, run_name=run_name,
                           error=f"not brought home: {type(e).__name__}: {e}")
@@ -275,6 +278,7 @@ async def avatar_batch(
         progress_id = None
     progress = _Progress(progress_id, len(go), logger)
     slots = asyncio.Semaphore(max(1, max_concurrency))
+    dispatching = asyncio.Semaphore(DISPATCH_AT_ONCE)
     opts = {"credentials_block": credentials_block, "archive_block": archive_block, "backend": backend,
             "concurrency_limit": concurrency_limit}
 
@@ -289,7 +293,7 @@ async def avatar_batch(
         name = f"{batch_name}-line-{row.line}"
         if mode == "deployment":
             entry = await _make_remote(row, estimate, slots, opts, name, store=store, key=key,
-                                       deployment=child_deployment, logger=logger)
+                                       deployment=child_deployment, logger=logger, dispatching=dispatching)
         else:
             entry = await _make_here(row, estimate, slots, opts, name, store=store, key=key, logger=logger)
         progress.done += 1

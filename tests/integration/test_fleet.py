@@ -226,3 +226,29 @@ def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_t
     states = [h["type"] for h in sorted(history, key=lambda h: h["timestamp"])]
     assert "SCHEDULED" in states[states.index("RUNNING"):], f"the batch run did not go back to the queue: {states}"
     assert states[-1] == "SCHEDULED", f"the requeued batch run did not stay in the queue: {states}"
+
+
+def test_a_row_run_killed_before_its_first_heartbeat_is_crashed_and_a_foreign_run_is_not(fleet):
+    """The bench: children killed seconds after they started RUNNING sent no heartbeat, so the
+    crash detector (armed by a heartbeat) never saw them: RUNNING for half an hour, their rows
+    waiting. The Running event arms it too, for avatarflow's runs (tag `avatarflow`): a run of
+    someone else's on the same server without heartbeats (a script's, no heartbeat setting) is
+    left alone."""
+    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+    dep = fleet.deployment("avatar_video/on-demand")
+    held = f"held-{uuid.uuid4().hex[:6]}"
+    r = fleet.api("POST", f"/work_pools/{dep['work_pool_name']}/queues", json={"name": held, "is_paused": True})
+    assert r.status_code == 201, r.text
+    ours = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                     json={"parameters": {"request": {"image": "none.jpg", "voice_script": "x"}}, "state": later,
+                           "work_queue_name": held}).json()
+    theirs = fleet.api("POST", "/flow_runs/", json={"flow_id": dep["flow_id"], "name": "a-script-run",
+                                                    "state": later}).json()
+    for run in (ours, theirs):
+        r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
+        assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    deadline = time.time() + 150
+    while time.time() < deadline and fleet.run_state(ours["id"])["state_type"] == "RUNNING":
+        time.sleep(5)
+    assert fleet.run_state(ours["id"])["state_type"] == "CRASHED", "a run killed before its first heartbeat stayed RUNNING"
+    assert fleet.run_state(theirs["id"])["state_type"] == "RUNNING"
