@@ -9,7 +9,7 @@ starts; once the Prefect server is restarted (PostgreSQL stays) and once Seaweed
 If the batch run itself did not complete (its worker was among the killed), it is run again once
 for the same calendar and day.
 
-    .venv/bin/python -m bench.bench_fleet [--rows 300] [--workers 3] [--requests-per-minute 24]
+    .venv/bin/python -m bench.bench_fleet [--rows 300] [--workers 3] [--requests-per-minute 20]
 
 It prints: rows completed (after at most one rerun), jobs created per row, 429 answers, the
 busiest 60 s window against the limit, the share of the limit used while it binds, wall time.
@@ -233,9 +233,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--workers", type=int, default=3)
-    ap.add_argument("--requests-per-minute", type=int, default=24,
+    ap.add_argument("--requests-per-minute", type=int, default=20,
                     help="the local API's limit and Prefect's (a row takes about 2 requests; on 2 cores under "
-                         "this chaos the fleet feeds about 25 a minute, so 24 binds and 120 would not)")
+                         "this chaos the fleet feeds up to about 23 a minute, so 20 binds and 120 would not)")
     ap.add_argument("--kill-every", type=float, default=60.0)
     ap.add_argument("--restart-server-at", type=float, default=150.0, help="seconds after the batch starts")
     ap.add_argument("--restart-s3-at", type=float, default=240.0, help="seconds after the batch starts")

@@ -191,6 +191,24 @@ def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(f
     assert fleet.run_state(runs["avatar_video/on-demand"])["state_type"] == "CRASHED"
 
 
+def _running_unattended(fleet: Fleet, dep: dict | None, params: dict) -> dict:
+    """A run of the deployment `dep` (with `params`) set RUNNING on a paused queue of its own,
+    so that no worker takes it when it is put back; without `dep`, a run of no deployment
+    (`params`: the flow run's fields) set RUNNING."""
+    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
+    if dep is None:
+        run = fleet.api("POST", "/flow_runs/", json={**params, "state": later}).json()
+    else:
+        held = f"held-{uuid.uuid4().hex[:6]}"
+        r = fleet.api("POST", f"/work_pools/{dep['work_pool_name']}/queues", json={"name": held, "is_paused": True})
+        assert r.status_code == 201, r.text
+        run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
+                        json={"parameters": params, "state": later, "work_queue_name": held}).json()
+    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
+    assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    return run
+
+
 def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_the_queue(fleet):
     """The bench: the batch run's worker was killed after the Prefect server had restarted; the
     heartbeat automation set the run CRASHED, but the requeue (reactive, on the Crashed event)
@@ -200,16 +218,8 @@ def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_t
     before the crash detector's window and no worker had a free slot (workers at their
     `--limit`), the crash detector set the waiting run CRASHED 15 s later, for good (the bench).
     Here no worker takes it (its queue is paused)."""
-    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
     dep = fleet.deployment("avatar_batch/content-calendar")
-    held = f"held-{uuid.uuid4().hex[:6]}"
-    r = fleet.api("POST", f"/work_pools/{dep['work_pool_name']}/queues", json={"name": held, "is_paused": True})
-    assert r.status_code == 201, r.text
-    run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
-                    json={"parameters": {"calendar": "s3://nowhere/none.csv", "today": DAY}, "state": later,
-                          "work_queue_name": held}).json()
-    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
-    assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    run = _running_unattended(fleet, dep, {"calendar": "s3://nowhere/none.csv", "today": DAY})
     related = [{"prefect.resource.id": f"prefect.deployment.{dep['id']}", "prefect.resource.role": "deployment"}] + [
         {"prefect.resource.id": f"prefect.tag.{t}", "prefect.resource.role": "tag"} for t in dep["tags"]]
     beat = {"id": str(uuid.uuid4()), "occurred": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
@@ -234,19 +244,9 @@ def test_a_row_run_killed_before_its_first_heartbeat_is_crashed_and_a_foreign_ru
     waiting. The Running event arms it too, for avatarflow's runs (tag `avatarflow`): a run of
     someone else's on the same server without heartbeats (a script's, no heartbeat setting) is
     left alone."""
-    later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
     dep = fleet.deployment("avatar_video/on-demand")
-    held = f"held-{uuid.uuid4().hex[:6]}"
-    r = fleet.api("POST", f"/work_pools/{dep['work_pool_name']}/queues", json={"name": held, "is_paused": True})
-    assert r.status_code == 201, r.text
-    ours = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
-                     json={"parameters": {"request": {"image": "none.jpg", "voice_script": "x"}}, "state": later,
-                           "work_queue_name": held}).json()
-    theirs = fleet.api("POST", "/flow_runs/", json={"flow_id": dep["flow_id"], "name": "a-script-run",
-                                                    "state": later}).json()
-    for run in (ours, theirs):
-        r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
-        assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
+    ours = _running_unattended(fleet, dep, {"request": {"image": "none.jpg", "voice_script": "x"}})
+    theirs = _running_unattended(fleet, None, {"flow_id": dep["flow_id"], "name": "a-script-run"})
     deadline = time.time() + 150
     while time.time() < deadline and fleet.run_state(ours["id"])["state_type"] == "RUNNING":
         time.sleep(5)
