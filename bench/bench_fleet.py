@@ -22,6 +22,7 @@ import bisect
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -248,6 +249,9 @@ def main() -> None:
     ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
                     help="the pool's command starts the engine directly (one process a flow run, not two)")
     args = ap.parse_args()
+    # stopped by a signal, the run still stops what it started (its workers are sessions of
+    # their own): a leftover server, workers and their batch ran on beside the next run
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     f = run_fleet(rows=args.rows, workers=args.workers, requests_per_minute=args.requests_per_minute,
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,
