@@ -149,6 +149,13 @@ class Child:
     message: str | None = None
 
 
+def resumed_attempts(record: dict[str, Any]) -> int:
+    """Child runs a row already had, not counting its last one: a batch run started again (its
+    worker died) goes on from the row's last child, found again by its idempotency key, instead
+    of reading every earlier (crashed) child first."""
+    return max(0, int(record.get("attempts") or 0) - 1) if record.get("status") == "running" else 0
+
+
 async def _fingerprint_from_artifacts(client: Any, flow_run_id: str) -> str | None:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
@@ -171,10 +178,8 @@ async def run_row(
 
     Returns {status: completed|failed, fingerprint, s3_uri, request_id, seed, cost, run_name,
     attempts, error, flow_run_id}; the outcome is also recorded for reruns. `dispatching`: the
-    batch's bound on child runs being created at once: a batch run started again finds all its
-    in-flight children again at once, and the server every child asks for its request slots is
-    the same one (in the fleet bench, the minute after a batch restart used a third to a half
-    of the limit)."""
+    batch's bound on child runs being created at once (a batch run started again looks for all
+    its in-flight children at once, on the server its children ask for their request slots)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -190,9 +195,7 @@ async def run_row(
             return {**done, "cache_hit": True, "cost": 0.0, "run_name": record.get("run_name"), "attempts": 0,
                     "flow_run_id": record.get("flow_run_id"), "error": None}
 
-    # a batch run started again (its worker died) goes on from the row's last child, found again
-    # by its idempotency key, instead of reading every earlier (crashed) child first
-    child = Child(attempts=max(0, int(record.get("attempts") or 0) - 1) if record.get("status") == "running" else 0)
+    child = Child(attempts=resumed_attempts(record))
     started = time.monotonic()
     outcome: dict[str, Any] | None = None
     async with get_client() as client:

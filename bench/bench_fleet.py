@@ -54,7 +54,7 @@ def max_per_window(times: list[float], window: float = 60.0) -> int:
 def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: float, restart_server_at: float,
               restart_s3_at: float, kills: int | None, timeout: float, max_concurrency: int,
               worker_limit: int | None = None, seed: int = 7,
-              direct_engine: bool = False,
+              direct_engine: bool = False, bucket_watch: bool = True,
               home: Path | None = None, api: Any = None, s3_home: Path | None = None) -> dict[str, Any]:
     """The whole chaos run; returns the figures. `api`: a running local API (LocalApi-like:
     base_url, api_key, stats()); else one is started here at the limit."""
@@ -80,13 +80,15 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
     fleet = Fleet(home, env, worker_limit=worker_limit)
     figures: dict[str, Any] = {"rows": rows, "workers": workers, "requests_per_minute": requests_per_minute,
                                "direct_engine": direct_engine, "max_concurrency": max_concurrency,
-                               "worker_limit": worker_limit}
+                               "worker_limit": worker_limit, "bucket_watch": bucket_watch}
     stop_chaos = threading.Event()
     try:
         fleet.start_server()
         if direct_engine:
             fleet.create_pool(f"{sys.executable} -m prefect.engine")
         fleet.deploy(requests_per_minute)
+        if not bucket_watch:
+            fleet.pause("avatar_watch/bucket-watch")
         for _ in range(workers):
             fleet.start_worker()
         fleet.wait_workers(workers)
@@ -248,6 +250,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--direct-engine", action=argparse.BooleanOptionalAction, default=True,
                     help="the pool's command starts the engine directly (one process a flow run, not two)")
+    ap.add_argument("--bucket-watch", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the bucket-watch deployment's schedule (a flow run a minute on the same workers)")
     args = ap.parse_args()
     # stopped by a signal, the run still stops what it started (its workers are sessions of
     # their own): a leftover server, workers and their batch ran on beside the next run
@@ -256,7 +260,7 @@ def main() -> None:
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,
                   max_concurrency=args.max_concurrency, worker_limit=args.worker_limit,
-                  direct_engine=args.direct_engine)
+                  direct_engine=args.direct_engine, bucket_watch=args.bucket_watch)
     print_figures(f)
     print(json.dumps(f, default=str))
 

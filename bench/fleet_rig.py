@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 
+from avatarflow.deploy import WORK_POOL
 from avatarflow.local.services.common import signal_group
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "avatarflow" / "assets"
-WORK_POOL = "avatarflow-process"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 API_ENDPOINTS = ("submit", "status", "result", "history")
 DAY = "2026-12-01"
@@ -109,6 +109,12 @@ class Fleet:
             raise RuntimeError(f"deploy failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         self.say("deployed: " + " | ".join(l for l in done.stdout.splitlines() if l.strip()))
         return {"stdout": done.stdout}
+
+    def pause(self, deployment: str) -> None:
+        """Pause `deployment`'s schedule (its runs would share the machine with the batch)."""
+        r = self.api("PATCH", f"/deployments/{self.deployment(deployment)['id']}", json={"paused": True})
+        if r.status_code != 204:
+            raise RuntimeError(f"pause {deployment}: {r.status_code} {r.text[:300]}")
 
     # --- workers ------------------------------------------------------------------------------
     def start_worker(self) -> subprocess.Popen:

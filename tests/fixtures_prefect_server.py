@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from avatarflow.deploy import WORK_POOL
 from avatarflow.local.services.common import signal_group
 from tests.fixtures_prefect import pipeline_variables
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK_POOL = "avatarflow-process"
 # The tests' rate limit: high enough not to slow them, low enough to be a real limit.
 TEST_RATE_PER_MINUTE = 600
 

@@ -191,10 +191,12 @@ def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(f
     assert fleet.run_state(runs["avatar_video/on-demand"])["state_type"] == "CRASHED"
 
 
-def _running_unattended(fleet: Fleet, dep: dict | None, params: dict) -> dict:
+def _running_unattended(fleet: Fleet, dep: dict | None, params: dict, *, restart_first: bool = False) -> dict:
     """A run of the deployment `dep` (with `params`) set RUNNING on a paused queue of its own,
     so that no worker takes it when it is put back; without `dep`, a run of no deployment
-    (`params`: the flow run's fields) set RUNNING."""
+    (`params`: the flow run's fields) set RUNNING. `restart_first`: the Prefect server restarts
+    between the run's creation and its start (its Running event follows a Scheduled event of
+    the server's previous life)."""
     later = {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
     if dep is None:
         run = fleet.api("POST", "/flow_runs/", json={**params, "state": later}).json()
@@ -204,9 +206,16 @@ def _running_unattended(fleet: Fleet, dep: dict | None, params: dict) -> dict:
         assert r.status_code == 201, r.text
         run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
                         json={"parameters": params, "state": later, "work_queue_name": held}).json()
+    if restart_first:
+        time.sleep(8)  # the Scheduled event stored (the server writes events every few seconds)
+        fleet.restart_server()
+    _set_running(fleet, run)
+    return run
+
+
+def _set_running(fleet: Fleet, run: dict) -> None:
     r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
     assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
-    return run
 
 
 def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_the_queue(fleet):
@@ -252,3 +261,19 @@ def test_a_row_run_killed_before_its_first_heartbeat_is_crashed_and_a_foreign_ru
         time.sleep(5)
     assert fleet.run_state(ours["id"])["state_type"] == "CRASHED", "a run killed before its first heartbeat stayed RUNNING"
     assert fleet.run_state(theirs["id"])["state_type"] == "RUNNING"
+
+
+def test_a_row_run_started_after_a_server_restart_and_killed_before_its_first_heartbeat_is_crashed(fleet):
+    """The bench: a child queued before the Prefect server restarted and started after it was
+    killed before its first heartbeat, and stayed RUNNING for half an hour. The server holds a
+    state event until it has seen the one it follows, and remembered the events it had seen in
+    memory only: the Running event waited for the Scheduled event of the server's previous life
+    (15 minutes), and the crash detector was never armed. The local server remembers them across
+    a restart (avatarflow.local.services.prefect_ordering)."""
+    dep = fleet.deployment("avatar_video/on-demand")
+    run = _running_unattended(fleet, dep, {"request": {"image": "none.jpg", "voice_script": "x"}}, restart_first=True)
+    deadline = time.time() + 150
+    while time.time() < deadline and fleet.run_state(run["id"])["state_type"] == "RUNNING":
+        time.sleep(5)
+    assert fleet.run_state(run["id"])["state_type"] == "CRASHED", \
+        "a run started after a server restart and killed before its first heartbeat stayed RUNNING"

@@ -106,7 +106,8 @@ def client_auth(api_url: str, home: str | os.PathLike[str] | None = None) -> str
 def prefect_env(home: Path, port: int, auth_string: str | None = None,
                 database_url: str | None = None) -> dict[str, str]:
     """The server's own Prefect home and database, apart from the user's; the UI told where
-    its API is (else it looks on the default port); its auth string, and CORS from its UI only.
+    its API is (else it looks on the default port); its auth string, and CORS from its UI only;
+    events ordered across its restarts (avatarflow.local.services.prefect_ordering).
     `database_url`: PostgreSQL's (else SQLite in the server's Prefect home)."""
     drop = ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_AUTH_STRING",
             "PREFECT_SERVER_API_AUTH_STRING")
@@ -120,6 +121,7 @@ def prefect_env(home: Path, port: int, auth_string: str | None = None,
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_UI_API_URL": f"{origin}/api",
         "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"{origin},http://localhost:{port}",
+        "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "avatarflow.local.services.prefect_ordering",
     }
     if database_url:
         out["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
