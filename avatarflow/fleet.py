@@ -149,11 +149,14 @@ class Child:
     message: str | None = None
 
 
-def resumed_attempts(record: dict[str, Any]) -> int:
-    """Child runs a row already had, not counting its last one: a batch run started again (its
-    worker died) goes on from the row's last child, found again by its idempotency key, instead
-    of reading every earlier (crashed) child first."""
-    return max(0, int(record.get("attempts") or 0) - 1) if record.get("status") == "running" else 0
+def in_flight(record: dict[str, Any]) -> Child:
+    """The row's last child as its record has it, when the row was in flight (a batch run
+    started again after its worker died): read again by its id, not dispatched again (a flow
+    run created from the deployment per row in flight, found by its idempotency key, took a
+    tenth of the server's CPU after each restart in the fleet bench), nor every earlier child."""
+    if record.get("status") != "running" or not record.get("flow_run_id"):
+        return Child()
+    return Child(attempts=int(record.get("attempts") or 1), flow_run_id=str(record["flow_run_id"]))
 
 
 async def _fingerprint_from_artifacts(client: Any, flow_run_id: str) -> str | None:
@@ -195,35 +198,41 @@ async def run_row(
             return {**done, "cache_hit": True, "cost": 0.0, "run_name": record.get("run_name"), "attempts": 0,
                     "flow_run_id": record.get("flow_run_id"), "error": None}
 
-    child = Child(attempts=resumed_attempts(record))
+    child = in_flight(record)
+    resume = child.flow_run_id is not None  # its last child is read again first, not dispatched
+    name = record.get("run_name") or run_name
     started = time.monotonic()
     outcome: dict[str, Any] | None = None
     async with get_client() as client:
         while outcome is None:
-            if child.attempts >= max_attempts or time.monotonic() - started > row_deadline_s:
+            if resume:
+                resume = False
+            elif child.attempts >= max_attempts or time.monotonic() - started > row_deadline_s:
                 outcome = {"status": "failed", "error": f"not brought home after {child.attempts} child runs "
                                                         f"(last: {child.state} {child.message or ''})".strip()}
                 break
-            child.attempts += 1
-            name = run_name if child.attempts == 1 else f"{run_name}-retry-{child.attempts - 1}"
-            idem = f"{key}:{line}:{child.attempts}"
+            else:
+                child.attempts += 1
+                name = run_name if child.attempts == 1 else f"{run_name}-retry-{child.attempts - 1}"
+                idem = f"{key}:{line}:{child.attempts}"
 
-            async def dispatch() -> Any:
-                async with dispatching or contextlib.nullcontext():
-                    return await run_deployment(
-                        deployment, parameters={"request": request, **options}, timeout=0, as_subflow=True,
-                        flow_run_name=name, idempotency_key=idem, client=client)
+                async def dispatch() -> Any:
+                    async with dispatching or contextlib.nullcontext():
+                        return await run_deployment(
+                            deployment, parameters={"request": request, **options}, timeout=0, as_subflow=True,
+                            flow_run_name=name, idempotency_key=idem, client=client)
 
-            fr = await patient(dispatch, f"line {line}: dispatch", log)
-            child.flow_run_id = str(fr.id)
-            await _record(store, record_key, {**record, "line": line, "flow_run_id": child.flow_run_id,
-                                              "run_name": name, "attempts": child.attempts, "status": "running"}, log)
+                child.flow_run_id = str((await patient(dispatch, f"line {line}: dispatch", log)).id)
+                await _record(store, record_key, {**record, "line": line, "flow_run_id": child.flow_run_id,
+                                                  "run_name": name, "attempts": child.attempts, "status": "running"},
+                              log)
+            fr_id = child.flow_run_id
             delay = poll_s
             while True:
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.3, 15.0)
                 try:
-                    run = await patient(lambda: client.read_flow_run(fr.id), f"line {line}: state", log,
+                    run = await patient(lambda: client.read_flow_run(fr_id), f"line {line}: state", log,
                                         give_up=(ObjectNotFound,))
                 except ObjectNotFound:  # the server lost it (restored from an older state): again
                     child.state, child.message = "LOST", "the server no longer knows the child run"
@@ -232,7 +241,7 @@ async def run_row(
                 child.state = st.type.value if st else None
                 child.message = (st.message or "")[:500] if st else None
                 if child.state == "COMPLETED":
-                    fp = await patient(lambda: _fingerprint_from_artifacts(client, str(fr.id)),
+                    fp = await patient(lambda: _fingerprint_from_artifacts(client, fr_id),
                                        f"line {line}: artifacts", log)
                     found = await patient(lambda: archived_entry(store, fp), f"line {line}: archive", log) if fp else None
                     if found:
@@ -242,7 +251,7 @@ async def run_row(
                     break
                 if child.state == "FAILED":
                     child.failed_attempts += 1
-                    fp = await patient(lambda: _fingerprint_from_artifacts(client, str(fr.id)),
+                    fp = await patient(lambda: _fingerprint_from_artifacts(client, fr_id),
                                        f"line {line}: artifacts", log)
                     found = await patient(lambda: archived_entry(store, fp), f"line {line}: archive", log) if fp else None
                     if found:  # archived, then failed (reporting it, say): the archive decides
@@ -257,7 +266,7 @@ async def run_row(
                     break
                 if never_started(child.state, _age_s(st), start_timeout_s):
                     log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
-                    await _cancel(client, fr.id, log)
+                    await _cancel(client, fr_id, log)
                     break
             if outcome is None:
                 await asyncio.sleep(min(30.0, 2.0 * child.attempts) * random.uniform(0.8, 1.2))

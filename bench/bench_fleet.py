@@ -255,7 +255,11 @@ def main() -> None:
     args = ap.parse_args()
     # stopped by a signal, the run still stops what it started (its workers are sessions of
     # their own): a leftover server, workers and their batch ran on beside the next run
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def stop(*_: Any) -> None:  # once: a second SIGTERM (`timeout` passes its own on) cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     f = run_fleet(rows=args.rows, workers=args.workers, requests_per_minute=args.requests_per_minute,
                   kill_every=args.kill_every, restart_server_at=args.restart_server_at,
                   restart_s3_at=args.restart_s3_at, kills=None, timeout=args.timeout,

@@ -1,6 +1,18 @@
-"""avatarflow.fleet's decisions that need no server: when a child run is taken as never started."""
+"""avatarflow.fleet's decisions that need no server: when a child run is taken as never started,
+which child a batch run started again goes on from (a fake Prefect client)."""
 
+import asyncio
+import uuid
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import prefect.client.orchestration
+import prefect.deployments
+import pytest
+
+from avatarflow import fleet
 from avatarflow.fleet import never_started
+from tests.unit.fakes import FakeStore
 
 
 def test_a_child_waiting_in_the_pools_queue_is_not_dispatched_again():
@@ -16,54 +28,82 @@ def test_a_child_a_worker_took_and_never_started_is_dispatched_again():
     assert not never_started("RUNNING", 3600.0, 300.0)
 
 
+class FakePrefect:
+    """run_deployment and the client run_row uses: each dispatched child's state from `states`
+    (in order; the last repeats), as (type, message, age in minutes); what was dispatched,
+    read and cancelled."""
+
+    def __init__(self, monkeypatch, states):
+        from prefect.exceptions import ObjectNotFound
+
+        self.states, self.dispatched, self.read, self.cancelled, self.runs = list(states), [], [], [], {}
+        fake = self
+
+        async def run_deployment(name, *, idempotency_key, **kw):
+            fake.dispatched.append(idempotency_key)
+            kind, message, minutes = fake.states[min(len(fake.dispatched), len(fake.states)) - 1]
+            return SimpleNamespace(id=fake.add(uuid.uuid4(), kind, message, minutes))
+
+        class Client:
+            async def __aenter__(self):
+                return self
+
+            async def __aexit__(self, *exc):
+                return False
+
+            async def read_flow_run(self, run_id):
+                fake.read.append(str(run_id))
+                if str(run_id) not in fake.runs:
+                    raise ObjectNotFound(None)
+                return SimpleNamespace(state=fake.runs[str(run_id)])
+
+            async def read_artifacts(self, **kw):
+                return []
+
+            async def set_flow_run_state(self, run_id, state, force=False):
+                fake.cancelled.append(str(run_id))
+
+        monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+        monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda: Client())
+        monkeypatch.setattr(fleet.random, "uniform", lambda a, b: 0.0)  # no backoff between children
+
+    def add(self, run_id, kind, message=None, minutes=0):
+        self.runs[str(run_id)] = SimpleNamespace(type=SimpleNamespace(value=kind), message=message,
+                                                 timestamp=datetime.now(timezone.utc) - timedelta(minutes=minutes))
+        return run_id
+
+
+def _run_row(store, line=3):
+    return asyncio.run(asyncio.wait_for(fleet.run_row(
+        store=store, request={"image": "x.jpg", "voice_script": "x"}, line=line, key="k", options={},
+        run_name="row", log=lambda m: None, poll_s=0.01), timeout=10))
+
+
 def test_a_child_pending_since_before_the_batch_started_again_is_dispatched_again(monkeypatch):
     """The fleet bench: a batch run started again (its worker died) re-found a child a dead
     worker had left PENDING, and timed it from then: every restart (every few minutes) reset
     the timer, and the row waited 30 minutes. How long a child has waited is its state's age."""
-    import asyncio
-    import uuid
-    from datetime import datetime, timedelta, timezone
-    from types import SimpleNamespace
-
-    import prefect.client.orchestration
-    import prefect.deployments
-
-    from avatarflow import fleet
-    from tests.unit.fakes import FakeStore
-
-    dispatched, cancelled, runs = [], [], {}
-
-    async def run_deployment(name, *, idempotency_key, **kw):
-        dispatched.append(idempotency_key)
-        run_id = uuid.uuid4()
-        first = len(dispatched) == 1
-        runs[run_id] = SimpleNamespace(
-            type=SimpleNamespace(value="PENDING" if first else "FAILED"),
-            message=None if first else "JobFailed: the API failed it",
-            timestamp=datetime.now(timezone.utc) - timedelta(minutes=30 if first else 0))
-        return SimpleNamespace(id=run_id)
-
-    class Client:
-        async def __aenter__(self):
-            return self
-
-        async def __aexit__(self, *exc):
-            return False
-
-        async def read_flow_run(self, run_id):
-            return SimpleNamespace(state=runs[run_id])
-
-        async def read_artifacts(self, **kw):
-            return []
-
-        async def set_flow_run_state(self, run_id, state, force=False):
-            cancelled.append(run_id)
-
-    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
-    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda: Client())
-    monkeypatch.setattr(fleet.random, "uniform", lambda a, b: 0.0)  # no backoff between children
-    out = asyncio.run(asyncio.wait_for(fleet.run_row(
-        store=FakeStore(), request={"image": "x.jpg", "voice_script": "x"}, line=3, key="k", options={},
-        run_name="row", log=lambda m: None, poll_s=0.01), timeout=10))
-    assert dispatched == ["k:3:1", "k:3:2"] and len(cancelled) == 1
+    fake = FakePrefect(monkeypatch, [("PENDING", None, 30), ("FAILED", "JobFailed: the API failed it", 0)])
+    out = _run_row(FakeStore())
+    assert fake.dispatched == ["k:3:1", "k:3:2"] and len(fake.cancelled) == 1
     assert out["status"] == "failed" and "JobFailed" in out["error"]
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_batch_run_started_again_reads_a_rows_child_in_flight_instead_of_dispatching_it(monkeypatch, known):
+    """The fleet bench: a batch run started again (its worker died) dispatched each of its 90
+    rows in flight again, found by the idempotency key: 90 flow runs created from the deployment
+    at once (a tenth of the Prefect server's CPU) where 90 reads of the recorded child do. A
+    child the server no longer knows is dispatched anew (the next attempt)."""
+    fake = FakePrefect(monkeypatch, [("FAILED", "JobFailed: the API failed it", 0)])
+    store = FakeStore()
+    child = uuid.uuid4()
+    if known:
+        fake.add(child, "FAILED", "JobFailed: the API failed it")
+    asyncio.run(store.put_json(fleet.row_record_key(store, "k", 3), {
+        "line": 3, "status": "running", "attempts": 2, "flow_run_id": str(child), "run_name": "row-retry-1"}))
+    out = _run_row(store)
+    assert fake.read[0] == str(child)
+    assert fake.dispatched == ([] if known else ["k:3:3"])
+    assert out["status"] == "failed" and out["attempts"] == (2 if known else 3)
+    assert out["run_name"] == ("row-retry-1" if known else "row-retry-2")
