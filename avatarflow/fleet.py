@@ -151,9 +151,9 @@ class Child:
 
 def in_flight(record: dict[str, Any]) -> Child:
     """The row's last child as its record has it, when the row was in flight (a batch run
-    started again after its worker died): read again by its id, not dispatched again (a flow
-    run created from the deployment per row in flight, found by its idempotency key, took a
-    tenth of the server's CPU after each restart in the fleet bench), nor every earlier child."""
+    started again after its worker died): read again by its id, not dispatched again by its
+    idempotency key (a flow run created from the deployment per row in flight, all at once, on
+    a server the fleet bench keeps busy), nor every earlier child."""
     if record.get("status") != "running" or not record.get("flow_run_id"):
         return Child()
     return Child(attempts=int(record.get("attempts") or 1), flow_run_id=str(record["flow_run_id"]))

@@ -124,6 +124,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             next_progress = t0 + 60
             while not stop_chaos.wait(1.0):
                 now = time.monotonic()
+                fleet.replace_exited()
                 if now >= next_progress:
                     progress()
                     next_progress = now + 60
@@ -194,6 +195,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "api_requests": len(times),
             "wall_s": wall,
             "kills": events["kills"],
+            "workers_exited": len(fleet.exited),
             "server_restart_s": events["server_restart_s"],
             "s3_restart_s": events["s3_restart_s"],
             "child_runs": len(children),
@@ -227,6 +229,7 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"wall time               {f['wall_s']:.0f} s")
     print(f"chaos                   {f['kills']} workers SIGKILLed with their runs; Prefect server restarted "
           f"in {f['server_restart_s'] or 0:.1f} s; SeaweedFS restarted in {f['s3_restart_s'] or 0:.1f} s")
+    print(f"workers that exited     {f['workers_exited']} by themselves (each replaced at once)")
     print(f"child runs              {f['child_runs']} {f['child_states']}")
     for e in f["failed_errors"]:
         print(f"not completed           {e}")

@@ -37,6 +37,7 @@ class Fleet:
     server: Any = None
     workers: list[subprocess.Popen] = field(default_factory=list)
     killed: list[int] = field(default_factory=list)
+    exited: list[int] = field(default_factory=list)  # workers that exited by themselves
     log: list[str] = field(default_factory=list)
 
     def say(self, msg: str) -> None:
@@ -118,7 +119,7 @@ class Fleet:
 
     # --- workers ------------------------------------------------------------------------------
     def start_worker(self) -> subprocess.Popen:
-        n = len(self.workers) + len(self.killed)
+        n = len(self.workers) + len(self.killed) + len(self.exited)
         log = open(self.home / f"worker-{n}.log", "ab")
         w = subprocess.Popen(
             [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", WORK_POOL, "--type", "process",
@@ -137,6 +138,21 @@ class Fleet:
                 return
             time.sleep(1)
         raise RuntimeError(f"{n} workers not online in {timeout} s")
+
+    def replace_exited(self) -> list[int]:
+        """Start a new worker for each that exited by itself, as a supervisor would (systemd's
+        `Restart=always`; what it left of its process group is killed first). Prefect's worker
+        can exit under load: a run it was still submitting came back in its next poll ("this
+        borrower is already holding one of this CapacityLimiter's tokens"); unreplaced, the
+        fleet bench ran on one worker. The pids replaced."""
+        gone = [w for w in self.workers if w.poll() is not None]
+        for w in gone:
+            signal_group(w, wait=0)
+            self.workers.remove(w)
+            self.exited.append(w.pid)
+            self.start_worker()
+            self.say(f"worker pid {w.pid} exited by itself (code {w.returncode}); a new worker started")
+        return [w.pid for w in gone]
 
     def kill_random_worker(self, rng: random.Random) -> int:
         """SIGKILL a random worker's process group (the worker and the flow runs it started), and
