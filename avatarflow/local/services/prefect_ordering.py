@@ -15,7 +15,6 @@ The server uses it through ``PREFECT_SERVER_EVENTS_CAUSAL_ORDERING`` (prefect_se
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
 from uuid import UUID
 
 import psutil
@@ -24,7 +23,6 @@ from prefect.server.database import PrefectDBInterface, db_injector
 from prefect.server.events.ordering import db as _db
 from prefect.server.events.schemas.events import Event
 
-MODULE = __name__
 STARTED = datetime.fromtimestamp(psutil.Process().create_time(), timezone.utc)  # this server's start
 
 
@@ -36,7 +34,7 @@ class CausalOrdering(_db.CausalOrdering):
 
 
 @db_injector
-async def _stored_before_start(db: PrefectDBInterface, event_id: UUID) -> Any:
+async def _stored_before_start(db: PrefectDBInterface, event_id: UUID) -> bool:
     async with db.session_context() as session:
         found = await session.execute(
             sa.select(db.Event.id).where(db.Event.id == event_id, db.Event.received < STARTED).limit(1))
