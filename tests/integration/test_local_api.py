@@ -9,7 +9,7 @@ import base64
 import io
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 
 import httpx
 import pytest
@@ -258,6 +258,15 @@ def _ids(api, **params) -> set[str]:
     return {row["request_id"] for row in r.json()["data"]}
 
 
+def _days(api) -> dict[str, date]:
+    """Each request's UTC creation day: the module's server outlives midnight, so tests never assume "today"."""
+    days, page = {}, 1
+    while rows := get(api, "/inference-request/request-history", per_page=100, page=page).json()["data"]:
+        days |= {r["request_id"]: datetime.fromisoformat(r["created_at"]).astimezone(timezone.utc).date() for r in rows}
+        page += 1
+    return days
+
+
 def test_history_by_id(api, done_job, image):
     rid = done_job["request_id"]
     row = get(api, f"/inference-request/request-history/{rid}").json()
@@ -284,10 +293,13 @@ def test_history_list_filters(api, done_job, image):
     assert rid in completed and failed not in completed and pending not in completed
     failed_ids = _ids(api, status="failed")
     assert failed in failed_ids and rid not in failed_ids
-    today = datetime.now(timezone.utc).date()
-    assert rid in _ids(api, from_date=today.isoformat(), to_date=today.isoformat())
-    assert not _ids(api, to_date=(today - timedelta(days=1)).isoformat())
-    assert not _ids(api, from_date=(today + timedelta(days=1)).isoformat())
+    days = _days(api)
+    day, first, last = days[rid], min(days.values()), max(days.values())
+    assert rid in _ids(api, from_date=day.isoformat(), to_date=day.isoformat())
+    assert rid not in _ids(api, to_date=(day - timedelta(days=1)).isoformat())
+    assert rid not in _ids(api, from_date=(day + timedelta(days=1)).isoformat())
+    assert not _ids(api, to_date=(first - timedelta(days=1)).isoformat())
+    assert not _ids(api, from_date=(last + timedelta(days=1)).isoformat())
     page = get(api, "/inference-request/request-history", per_page=1, page=1).json()
     assert len(page["data"]) == 1 and page["total"] >= 3
     asc = get(api, "/inference-request/request-history", per_page=100, sort_order="asc").json()["data"]
@@ -380,9 +392,11 @@ def test_min_processing_time_pending_history_and_paging(api, image):
     job = api.stats()["jobs"][rid]
     assert job["completed_at"] - job["started_at"] >= 2.5
 
-    today = datetime.now(timezone.utc).date().isoformat()
-    full = get(api, "/inference-request/request-history", per_page=100, from_date=today, to_date=today,
-               model_name="video-avatar").json()
+    days = _days(api)
+    day = days[rid].isoformat()
+    assert rid in _ids(api, from_date=day, to_date=day, model_name="video-avatar")
+    full = get(api, "/inference-request/request-history", per_page=100, from_date=min(days.values()).isoformat(),
+               to_date=max(days.values()).isoformat(), model_name="video-avatar").json()
     assert rid in {r["request_id"] for r in full["data"]} and full["total"] >= 2
     first = get(api, "/inference-request/request-history", per_page=1, page=1, model_name="video-avatar").json()
     second = get(api, "/inference-request/request-history", per_page=1, page=2, model_name="video-avatar").json()
