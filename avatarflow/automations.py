@@ -1,6 +1,11 @@
 """The automations `avatarflow deploy` installs so that nothing waits on a dead worker: runs whose
 heartbeats stop are CRASHED (the batch dispatches their rows again), runs a dead worker took go
-back to the queue, and a batch run whose worker died is run again."""
+back to the queue, and a batch run whose worker died is run again.
+
+One requeue per way a run is lost, never two: an action is late by as much as the server's event
+pipeline lags (83 s under the fleet bench's load), and a second requeue of one crash forced
+SCHEDULED over the run a worker had taken again: Prefect's worker, handed its own running run,
+exited with all its runs."""
 
 from __future__ import annotations
 
@@ -9,19 +14,22 @@ from typing import Any
 
 CRASH_AUTOMATION = "avatarflow: flow run crashed (heartbeats stopped)"
 PENDING_AUTOMATION = "avatarflow: flow run stuck in Pending (its worker died)"
-PENDING_S = 120  # a worker that took a run starts it within seconds
+PENDING_S = 300  # a start takes seconds, minutes on a saturated machine (the bench: over 120 s)
 BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
 BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
 TAG = "avatarflow"  # the tag of every avatarflow deployment (prefect.yaml)
-BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
-BATCH_SILENT_S = HEARTBEAT_S * MISSED_HEARTBEATS + 15  # after the crash detector's 90 s
+BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
+# Installed by earlier versions, deleted by `avatarflow deploy`: the batch's second requeue (on its
+# silence, for Crashed events held after a server restart; avatarflow.local.services.prefect_ordering
+# keeps them flowing now).
+RETIRED = (BATCH_HEARTBEAT_AUTOMATION,)
 TAGGED = "prefect.tag.{tag}"
 
 
-def _silent_for(within_s: float, tag: str) -> Any:
-    """A trigger: a flow run tagged `tag` that started RUNNING or sent a heartbeat, and then
+def _silent_for(within_s: float) -> Any:
+    """A trigger: an avatarflow flow run (tagged `TAG`) that started RUNNING or sent a heartbeat, and then
     neither another heartbeat nor a final state within `within_s`. The Running event arms it
     too: a run killed before its first heartbeat stayed RUNNING for ever (the fleet bench). The
     tag keeps it to avatarflow's runs, which beat (prefect.yaml); a run without heartbeats (a
@@ -30,7 +38,7 @@ def _silent_for(within_s: float, tag: str) -> Any:
 
     return EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)},
+        match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=TAG)},
         after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
@@ -53,16 +61,17 @@ def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
         name=CRASH_AUTOMATION,
         description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED, so the "
                     "avatarflow batch dispatches their rows again.",
-        trigger=_silent_for(within_s, TAG),
+        trigger=_silent_for(within_s),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {within_s:.0f} s: its worker is gone")],
     )
 
 
 def pending_automation(within_s: float = PENDING_S) -> Any:
-    """A flow run a worker took (PENDING) and then did not start within `within_s` (the worker
-    died between the two) goes back to SCHEDULED, for another worker: without it, such a run
-    (a batch, or a row) stays PENDING for ever."""
+    """An avatarflow flow run a worker took (PENDING) and then did not start within `within_s`
+    (the worker died between the two) goes back to SCHEDULED, for another worker: without it,
+    such a run (a batch, or a row) stays PENDING for ever. Others' runs on the server are left
+    alone."""
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     return AutomationCore(
@@ -70,6 +79,7 @@ def pending_automation(within_s: float = PENDING_S) -> Any:
         description="Flow runs taken by a worker that died before starting them go back to the queue.",
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=TAG)},
             after={"prefect.flow-run.Pending"},
             expect={"prefect.flow-run.Running", "prefect.flow-run.Scheduled", "prefect.flow-run.Completed",
                     "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Cancelling",
@@ -87,9 +97,12 @@ def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
     """A batch run (a flow run tagged `tag`) that CRASHED (its worker died; the heartbeat
     automation says so) goes back to SCHEDULED, and a live worker runs it again: the same flow
     run picks up where it stopped (archived rows from their records, in-flight rows' children
-    found again by their idempotency keys). Without it the batch stays CRASHED, and its rows
-    wait for someone to rerun it. Rows' own runs are not requeued: the batch dispatches them
-    again."""
+    read again by the ids recorded). Without it the batch stays CRASHED, and its rows wait for
+    someone to rerun it. Rows' own runs are not requeued: the batch dispatches them again. The
+    only requeue of a crashed batch: it acts on a run still CRASHED however late it comes, as
+    nothing else puts the run back. After a server restart the Crashed event is held until the
+    server has seen the one it follows; the local server counts the events of its previous life
+    as seen (avatarflow.local.services.prefect_ordering; README: automations after a restart)."""
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     return AutomationCore(
@@ -106,26 +119,6 @@ def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
     )
 
 
-def silent_batch_automation(tag: str = BATCH_TAG, within_s: float = BATCH_SILENT_S) -> Any:
-    """A batch run (tagged `tag`) whose heartbeats stop goes back to SCHEDULED after
-    `within_s`: the requeue on the Crashed event alone is not enough, because the server holds
-    an event until it has seen the one it follows, and after a server restart the run's Running
-    event (before the restart) is never seen again: the Crashed event waited, and the batch
-    stayed CRASHED (the fleet bench). Heartbeat events follow nothing. It comes after the crash
-    detector's window, not before: a requeued run can wait in the queue for a worker's free
-    slot, and the crash detector (whose trigger the held Scheduled event never reached) set the
-    waiting run CRASHED, for good. When the Crashed event is not held, its requeue comes first
-    and this trigger, expecting it, does not fire."""
-    from prefect.events.schemas.automations import AutomationCore
-
-    return AutomationCore(
-        name=BATCH_HEARTBEAT_AUTOMATION,
-        description="Batch runs whose heartbeats stopped (their worker died) go back to the queue.",
-        trigger=_silent_for(within_s, tag),
-        actions=[_back_in_the_queue(f"no heartbeat for {within_s:.0f} s: its worker is gone")],
-    )
-
-
 def _back_in_the_queue(why: str) -> Any:
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
@@ -135,7 +128,7 @@ def _back_in_the_queue(why: str) -> Any:
 
 def all_automations() -> list[Any]:
     """What `avatarflow deploy` installs, in order."""
-    return [crash_automation(), pending_automation(), crashed_batch_automation(), silent_batch_automation()]
+    return [crash_automation(), pending_automation(), crashed_batch_automation()]
 
 
 async def ensure_automation(automation: Any) -> str:
@@ -146,3 +139,14 @@ async def ensure_automation(automation: Any) -> str:
         for old in await client.read_automations_by_name(automation.name):
             await client.delete_automation(old.id)
         return str(await client.create_automation(automation))
+
+
+async def install() -> dict[str, str]:
+    """Delete the retired automations and install all the others: {name: id}."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for name in RETIRED:
+            for old in await client.read_automations_by_name(name):
+                await client.delete_automation(old.id)
+    return {a.name: await ensure_automation(a) for a in all_automations()}

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from avatarflow.automations import all_automations, ensure_automation
+from avatarflow import automations
 from avatarflow.errors import DeployError
 from avatarflow.request_limit import REQUESTS_PER_MINUTE, ensure_concurrency_limit
 
@@ -160,10 +160,9 @@ async def setup(url: str, *, requests_per_minute: int = REQUESTS_PER_MINUTE, bur
             f"{lim['slots_per_request']} slots a request)")
         out["work_pool_created"] = await ensure_work_pool()
         log(f"work pool   {WORK_POOL}{' (created)' if out['work_pool_created'] else ''}")
-        out["automations"] = {}
-        for automation in all_automations():
-            out["automations"][automation.name] = await ensure_automation(automation)
-            log(f"automation  {automation.name}")
+        out["automations"] = await automations.install()
+        for name in out["automations"]:
+            log(f"automation  {name}")
         out["deployments"] = await deploy_all(url)
         for name in out["deployments"]:
             log(f"deployment  {name}")

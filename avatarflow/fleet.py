@@ -91,8 +91,10 @@ def _age_s(state: Any) -> float:
 
 def never_started(state: str | None, waited_s: float, start_timeout_s: float) -> bool:
     """A child that a worker took (PENDING) and did not start within `start_timeout_s` (its
-    worker died in between): cancelled and dispatched again. A SCHEDULED child is waiting its
-    turn in the pool's queue (workers take runs as their `--limit` allows): it is left there."""
+    worker died in between): cancelled and dispatched again. The pending automation of
+    `avatarflow deploy` puts such a run back in the queue earlier (`automations.PENDING_S`); this
+    is for a server without it. A SCHEDULED child is waiting its turn in the pool's queue
+    (workers take runs as their `--limit` allows): it is left there."""
     return state == "PENDING" and waited_s > start_timeout_s
 
 
@@ -173,7 +175,7 @@ async def _fingerprint_from_artifacts(client: Any, flow_run_id: str) -> str | No
 
 async def run_row(
     *, store: Store, request: dict[str, Any], line: int, key: str, options: dict[str, Any], run_name: str,
-    deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 300.0,
+    deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 420.0,
     poll_s: float = 3.0, max_attempts: int = 8, row_deadline_s: float = 3 * 3600.0, request_sha: str | None = None,
     dispatching: asyncio.Semaphore | None = None,
 ) -> dict[str, Any]:

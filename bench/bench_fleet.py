@@ -38,6 +38,7 @@ from bench.fleet_rig import (
     DAY,
     Fleet,
     s3_restart,
+    transitions,
     calendar_rows,
     put_calendar,
     worker_env,
@@ -178,6 +179,8 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         loaded = [t for t in times if t <= loaded_end]
         loaded_minutes = max((loaded_end - t_first) / 60.0, 1e-9)
         children = [c for r in runs for c in fleet.children(r)]
+        moves = [transitions(fleet.history(r)) for r in runs + [c["id"] for c in children]]
+        starts = sorted(x for m in moves for x in m["starts"])
         figures.update({
             "rows_completed": (manifest or {}).get("completed", 0),
             "rows_failed": (manifest or {}).get("failed"),
@@ -200,6 +203,10 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "s3_restart_s": events["s3_restart_s"],
             "child_runs": len(children),
             "child_states": dict(Counter(c["state_type"] for c in children)),
+            "starts_s": {"n": len(starts), "p50": starts[len(starts) // 2] if starts else None,
+                         "p95": starts[int(len(starts) * 0.95)] if starts else None, "max": max(starts, default=None)},
+            "requeued_live": sum(len(m["requeued_live"]) for m in moves),
+            "requeued_pending": sum(len(m["requeued_pending"]) for m in moves),
             "failed_errors": sorted({str(e.get("error"))[:160] for e in (manifest or {}).get("rows", [])
                                      if e.get("status") != "completed"})[:5],
         })
@@ -231,6 +238,10 @@ def print_figures(f: dict[str, Any]) -> None:
           f"in {f['server_restart_s'] or 0:.1f} s; SeaweedFS restarted in {f['s3_restart_s'] or 0:.1f} s")
     print(f"workers that exited     {f['workers_exited']} by themselves (each replaced at once)")
     print(f"child runs              {f['child_runs']} {f['child_states']}")
+    st = f["starts_s"]
+    print(f"starts (PENDING->RUNNING) {st['n']}: median {st['p50'] or 0:.0f} s, p95 {st['p95'] or 0:.0f} s, "
+          f"max {st['max'] or 0:.0f} s (batch and child runs)")
+    print(f"requeued to SCHEDULED   {f['requeued_live']} over a RUNNING run, {f['requeued_pending']} over a PENDING run")
     for e in f["failed_errors"]:
         print(f"not completed           {e}")
 

@@ -182,6 +182,9 @@ class Fleet:
     def run_state(self, run_id: str) -> dict[str, Any]:
         return self.api("GET", f"/flow_runs/{run_id}").json()
 
+    def history(self, run_id: str) -> list[dict[str, Any]]:
+        return self.api("GET", "/flow_run_states/", params={"flow_run_id": run_id}).json()
+
     def children(self, run_id: str) -> list[dict[str, Any]]:
         out, offset = [], 0
         while True:
@@ -191,6 +194,28 @@ class Fleet:
             if len(page) < 200:
                 return out
             offset += 200
+
+
+def transitions(history: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """What a run's state history (``/flow_run_states/``) says of the automations and the workers:
+    ``starts``: seconds from each PENDING to the RUNNING after it; ``requeued_live``: seconds
+    a run had been RUNNING when it was put back to SCHEDULED (a requeue acting late, over a run a
+    worker had taken again: the fleet bench saw a worker exit on one); ``requeued_pending``: seconds
+    a run had been PENDING when put back (a dead worker's, or a start slower than the window)."""
+    from datetime import datetime
+
+    out: dict[str, list[float]] = {"starts": [], "requeued_live": [], "requeued_pending": []}
+    states = sorted(((h["type"], datetime.fromisoformat(h["timestamp"].replace("Z", "+00:00"))) for h in history),
+                    key=lambda s: s[1])
+    for (prev, t0), (cur, t1) in zip(states, states[1:]):
+        waited = (t1 - t0).total_seconds()
+        if prev == "PENDING" and cur == "RUNNING":
+            out["starts"].append(waited)
+        elif cur == "SCHEDULED" and prev == "RUNNING":
+            out["requeued_live"].append(waited)
+        elif cur == "SCHEDULED" and prev == "PENDING":
+            out["requeued_pending"].append(waited)
+    return out
 
 
 def s3_restart(s3_home: Path) -> float:

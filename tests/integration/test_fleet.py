@@ -137,18 +137,9 @@ def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     """A worker took a run (PENDING) and died before starting it: the automation of `avatarflow
     deploy` puts it back to SCHEDULED, and a live worker runs it. Without it the run stays PENDING
     for ever (the bench's rerun of a batch did)."""
-    import asyncio
-
     from avatarflow.automations import ensure_automation, pending_automation
 
-    async def short_window() -> None:  # the test's own window: 20 s instead of 120 s
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-        with temporary_settings(updates={PREFECT_API_URL: fleet.server.api_url,
-                                         PREFECT_API_AUTH_STRING: fleet.server.auth_string}):
-            await ensure_automation(pending_automation(20))
-
-    asyncio.run(short_window())
+    _on_server(fleet, lambda: ensure_automation(pending_automation(20)))  # the test's own window: 20 s
     later = "2099-01-01T00:00:00Z"  # no worker takes it on its own
     dep = fleet.deployment("avatar_watch/bucket-watch")
     run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
@@ -163,6 +154,44 @@ def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     assert state != "PENDING", "still PENDING: nothing put it back in the queue"
     final = wait_batch(fleet, run["id"], 180)
     assert final["state_type"] == "COMPLETED", final["state"]
+
+
+def _on_server(fleet: Fleet, call):
+    """`call()` (a coroutine function of the Prefect client) against the fleet's server."""
+    import asyncio
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    async def run():
+        with temporary_settings(updates={PREFECT_API_URL: fleet.server.api_url,
+                                         PREFECT_API_AUTH_STRING: fleet.server.auth_string}):
+            return await call()
+
+    return asyncio.run(run())
+
+
+def test_deploy_deletes_the_automations_it_retired_and_installs_the_others(fleet):
+    """A server set up by an earlier `avatarflow deploy` keeps the automations it had: among them
+    the batch's second requeue (on its silence), which acted late over a batch run a worker had
+    taken again. `avatarflow deploy` deletes it, and installs the others."""
+    from prefect.client.orchestration import get_client
+
+    from avatarflow.automations import BATCH_HEARTBEAT_AUTOMATION, all_automations, crash_automation, ensure_automation
+    from avatarflow.automations import install
+
+    async def names() -> set[str]:
+        async with get_client() as client:
+            return {a.name for a in await client.read_automations()}
+
+    async def redeploy():
+        await ensure_automation(crash_automation().model_copy(update={"name": BATCH_HEARTBEAT_AUTOMATION}))
+        before = await names()
+        installed = await install()
+        return before, installed, await names()
+
+    before, installed, after = _on_server(fleet, redeploy)
+    assert BATCH_HEARTBEAT_AUTOMATION in before and BATCH_HEARTBEAT_AUTOMATION not in after, after
+    assert set(installed) == {a.name for a in all_automations()} <= after
 
 
 def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(fleet):
@@ -222,11 +251,11 @@ def test_a_batch_run_whose_heartbeats_stop_after_a_server_restart_goes_back_to_t
     """The bench: the batch run's worker was killed after the Prefect server had restarted; the
     heartbeat automation set the run CRASHED, but the requeue (reactive, on the Crashed event)
     did not fire: the server holds an event until it has seen the one it follows, and the
-    Running event it followed came before the restart. A batch run whose heartbeats stop goes
-    back to SCHEDULED itself, and stays there until a worker takes it: when the requeue came
-    before the crash detector's window and no worker had a free slot (workers at their
-    `--limit`), the crash detector set the waiting run CRASHED 15 s later, for good (the bench).
-    Here no worker takes it (its queue is paused)."""
+    Running event it followed came before the restart. The local server counts the events of its
+    previous life as seen (prefect_ordering), so the one requeue there is, on the Crashed event,
+    puts the batch run back to SCHEDULED, where it stays until a worker takes it (its queue is
+    paused here): the crash detector does not set a waiting run CRASHED for good (the bench, when
+    a requeue came before the detector's window)."""
     dep = fleet.deployment("avatar_batch/content-calendar")
     run = _running_unattended(fleet, dep, {"calendar": "s3://nowhere/none.csv", "today": DAY})
     related = [{"prefect.resource.id": f"prefect.deployment.{dep['id']}", "prefect.resource.role": "deployment"}] + [

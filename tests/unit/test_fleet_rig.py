@@ -32,3 +32,17 @@ def test_a_worker_that_exited_by_itself_is_replaced(tmp_path, monkeypatch):
         for w in started:
             w.kill()
             w.wait()
+
+
+def test_transitions_read_starts_and_requeues_from_a_state_history():
+    """The bench's evidence for the automations: a requeue over a RUNNING run is counted apart
+    from a requeue of a run left PENDING, and each start is timed from its PENDING."""
+    from bench.fleet_rig import transitions
+
+    def at(s: int) -> str:
+        return f"2026-12-02T01:{s // 60:02d}:{s % 60:02d}Z"
+
+    history = [{"type": t, "timestamp": at(s)} for t, s in (
+        ("PENDING", 20), ("SCHEDULED", 0), ("RUNNING", 50), ("SCHEDULED", 140), ("PENDING", 150),
+        ("SCHEDULED", 460), ("PENDING", 470), ("RUNNING", 482), ("CRASHED", 600), ("SCHEDULED", 601))]
+    assert transitions(history) == {"starts": [30.0, 12.0], "requeued_live": [90.0], "requeued_pending": [310.0]}
