@@ -181,6 +181,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         children = [c for r in runs for c in fleet.children(r)]
         moves = [transitions(fleet.history(r)) for r in runs + [c["id"] for c in children]]
         starts = sorted(x for m in moves for x in m["starts"])
+        runs_s = sorted(x for m in moves[len(runs):] for x in m["completions"])
         figures.update({
             "rows_completed": (manifest or {}).get("completed", 0),
             "rows_failed": (manifest or {}).get("failed"),
@@ -205,6 +206,7 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "child_states": dict(Counter(c["state_type"] for c in children)),
             "starts_s": {"n": len(starts), "p50": starts[len(starts) // 2] if starts else None,
                          "p95": starts[int(len(starts) * 0.95)] if starts else None, "max": max(starts, default=None)},
+            "child_run_s": {"n": len(runs_s), "p50": runs_s[len(runs_s) // 2] if runs_s else None},
             "requeued_live": sum(len(m["requeued_live"]) for m in moves),
             "requeued_pending": sum(len(m["requeued_pending"]) for m in moves),
             "failed_errors": sorted({str(e.get("error"))[:160] for e in (manifest or {}).get("rows", [])
@@ -242,6 +244,8 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"starts (PENDING->RUNNING) {st['n']}: median {st['p50'] or 0:.0f} s, p95 {st['p95'] or 0:.0f} s, "
           f"max {st['max'] or 0:.0f} s (batch and child runs)")
     print(f"requeued to SCHEDULED   {f['requeued_live']} over a RUNNING run, {f['requeued_pending']} over a PENDING run")
+    print(f"child runs completed    {f['child_run_s']['n']}: median {f['child_run_s']['p50'] or 0:.0f} s from RUNNING "
+          f"to COMPLETED (a worker's slot is held from PENDING to the end)")
     for e in f["failed_errors"]:
         print(f"not completed           {e}")
 

@@ -201,16 +201,20 @@ def transitions(history: list[dict[str, Any]]) -> dict[str, list[float]]:
     ``starts``: seconds from each PENDING to the RUNNING after it; ``requeued_live``: seconds
     a run had been RUNNING when it was put back to SCHEDULED (a requeue acting late, over a run a
     worker had taken again: the fleet bench saw a worker exit on one); ``requeued_pending``: seconds
-    a run had been PENDING when put back (a dead worker's, or a start slower than the window)."""
+    a run had been PENDING when put back (a dead worker's, or a start slower than the window);
+    ``completions``: seconds from RUNNING to COMPLETED (with ``starts``, how long a run holds a
+    worker's slot)."""
     from datetime import datetime
 
-    out: dict[str, list[float]] = {"starts": [], "requeued_live": [], "requeued_pending": []}
+    out: dict[str, list[float]] = {"starts": [], "requeued_live": [], "requeued_pending": [], "completions": []}
     states = sorted(((h["type"], datetime.fromisoformat(h["timestamp"].replace("Z", "+00:00"))) for h in history),
                     key=lambda s: s[1])
     for (prev, t0), (cur, t1) in zip(states, states[1:]):
         waited = (t1 - t0).total_seconds()
         if prev == "PENDING" and cur == "RUNNING":
             out["starts"].append(waited)
+        elif prev == "RUNNING" and cur == "COMPLETED":
+            out["completions"].append(waited)
         elif cur == "SCHEDULED" and prev == "RUNNING":
             out["requeued_live"].append(waited)
         elif cur == "SCHEDULED" and prev == "PENDING":

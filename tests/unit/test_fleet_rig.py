@@ -44,5 +44,7 @@ def test_transitions_read_starts_and_requeues_from_a_state_history():
 
     history = [{"type": t, "timestamp": at(s)} for t, s in (
         ("PENDING", 20), ("SCHEDULED", 0), ("RUNNING", 50), ("SCHEDULED", 140), ("PENDING", 150),
-        ("SCHEDULED", 460), ("PENDING", 470), ("RUNNING", 482), ("CRASHED", 600), ("SCHEDULED", 601))]
-    assert transitions(history) == {"starts": [30.0, 12.0], "requeued_live": [90.0], "requeued_pending": [310.0]}
+        ("SCHEDULED", 460), ("PENDING", 470), ("RUNNING", 482), ("CRASHED", 600), ("SCHEDULED", 601), ("PENDING", 610),
+        ("RUNNING", 615), ("COMPLETED", 735))]
+    assert transitions(history) == {"starts": [30.0, 12.0, 5.0], "requeued_live": [90.0], "requeued_pending": [310.0],
+                                    "completions": [120.0]}
