@@ -135,23 +135,35 @@ def test_row_seeds_are_reproducible_per_calendar_day_and_line():
 
 def test_a_run_left_pending_by_a_dead_worker_goes_back_to_the_queue(fleet):
     """A worker took a run (PENDING) and died before starting it: the automation of `avatarflow
-    deploy` puts it back to SCHEDULED, and a live worker runs it. Without it the run stays PENDING
-    for ever (the bench's rerun of a batch did)."""
-    from avatarflow.automations import ensure_automation, pending_automation
+    deploy` for its flow puts it back to SCHEDULED, and a live worker runs it. Without it the run
+    stays PENDING for ever (the bench's rerun of a batch did). A batch run has its own, sooner
+    window; here it waits in a paused queue of its own, so that only the automation moves it."""
+    from avatarflow.automations import (
+        BATCH_FLOWS,
+        BATCH_PENDING_AUTOMATION,
+        ensure_automation,
+        pending_automation,
+    )
 
-    _on_server(fleet, lambda: ensure_automation(pending_automation(20)))  # the test's own window: 20 s
+    async def short_windows():  # the test's own windows: 20 s and 25 s
+        await ensure_automation(pending_automation(20))
+        await ensure_automation(pending_automation(25, BATCH_FLOWS, BATCH_PENDING_AUTOMATION))
+
+    _on_server(fleet, short_windows)
     later = "2099-01-01T00:00:00Z"  # no worker takes it on its own
     dep = fleet.deployment("avatar_watch/bucket-watch")
     run = fleet.api("POST", f"/deployments/{dep['id']}/create_flow_run",
                     json={"parameters": {"prefix": "pending-test/"}, "state": {"type": "SCHEDULED",
                           "state_details": {"scheduled_time": later}}}).json()
-    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "PENDING"}, "force": True})
-    assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
-    deadline, state = time.time() + 180, "PENDING"
-    while time.time() < deadline and state == "PENDING":
+    batch = _running_unattended(fleet, fleet.deployment("avatar_batch/content-calendar"),
+                                {"calendar": "s3://nowhere/none.csv", "today": DAY}, state="PENDING")
+    _set_state(fleet, run, "PENDING")
+    deadline, states = time.time() + 180, {"PENDING"}
+    while time.time() < deadline and "PENDING" in states:
         time.sleep(3)
-        state = fleet.run_state(run["id"])["state_type"]
-    assert state != "PENDING", "still PENDING: nothing put it back in the queue"
+        states = {fleet.run_state(x["id"])["state_type"] for x in (run, batch)}
+    assert fleet.run_state(batch["id"])["state_type"] == "SCHEDULED", "the batch run was not put back in the queue"
+    assert fleet.run_state(run["id"])["state_type"] != "PENDING", "still PENDING: nothing put it back in the queue"
     final = wait_batch(fleet, run["id"], 180)
     assert final["state_type"] == "COMPLETED", final["state"]
 
@@ -220,8 +232,9 @@ def test_a_crashed_batch_run_goes_back_to_the_queue_and_a_crashed_row_does_not(f
     assert fleet.run_state(runs["avatar_video/on-demand"])["state_type"] == "CRASHED"
 
 
-def _running_unattended(fleet: Fleet, dep: dict | None, params: dict, *, restart_first: bool = False) -> dict:
-    """A run of the deployment `dep` (with `params`) set RUNNING on a paused queue of its own,
+def _running_unattended(fleet: Fleet, dep: dict | None, params: dict, *, restart_first: bool = False,
+                        state: str = "RUNNING") -> dict:
+    """A run of the deployment `dep` (with `params`) set to `state` on a paused queue of its own,
     so that no worker takes it when it is put back; without `dep`, a run of no deployment
     (`params`: the flow run's fields) set RUNNING. `restart_first`: the Prefect server restarts
     between the run's creation and its start (its Running event follows a Scheduled event of
@@ -238,12 +251,12 @@ def _running_unattended(fleet: Fleet, dep: dict | None, params: dict, *, restart
     if restart_first:
         time.sleep(8)  # the Scheduled event stored (the server writes events every few seconds)
         fleet.restart_server()
-    _set_running(fleet, run)
+    _set_state(fleet, run, state)
     return run
 
 
-def _set_running(fleet: Fleet, run: dict) -> None:
-    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": "RUNNING"}, "force": True})
+def _set_state(fleet: Fleet, run: dict, state: str = "RUNNING") -> None:
+    r = fleet.api("POST", f"/flow_runs/{run['id']}/set_state", json={"state": {"type": state}, "force": True})
     assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
 
 
