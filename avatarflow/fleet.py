@@ -52,6 +52,7 @@ CHILD_DEPLOYMENT = "avatar_video/on-demand"
 RETRYABLE = ("CRASHED", "CANCELLED")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 SEED_SPACE = 1_000_000_000
+SILENT_BEATS = 10  # heartbeats missed before the batch takes a RUNNING child as lost (the automation: 3)
 # A child that failed with one of these failed for its row's own reason: not dispatched again
 # (JobFailed: the API's FAILED, recorded `failed` in the ledger; a new child would post again).
 FINAL_ERRORS = ("JobFailed", "MediaError", "ContractError", "TemplateError", "BadRequest", "Unauthorized",
@@ -96,6 +97,41 @@ def never_started(state: str | None, waited_s: float, start_timeout_s: float) ->
     is for a server without it. A SCHEDULED child is waiting its turn in the pool's queue
     (workers take runs as their `--limit` allows): it is left there."""
     return state == "PENDING" and waited_s > start_timeout_s
+
+
+def lost(state: str | None, *, state_age_s: float, beat_age_s: float | None, silent_s: float | None) -> bool:
+    """A RUNNING child neither in a new state nor beating for `silent_s` (None: its deployment
+    sends no heartbeats, nothing to judge by): its worker died and the crash automation missed
+    it (the fleet bench: a server restart inside the detector's window, RUNNING for 45 min)."""
+    if state != "RUNNING" or silent_s is None or state_age_s <= silent_s:
+        return False
+    return beat_age_s is None or beat_age_s > silent_s
+
+
+async def _last_beat_age_s(client: Any, flow_run_id: str, within_s: float) -> float | None:
+    """Seconds since the child's last heartbeat event within `within_s` (None: none)."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    now = datetime.now(timezone.utc)
+    page = await client.read_events(filter=EventFilter(
+        occurred=EventOccurredFilter(since=now - timedelta(seconds=within_s), until=now + timedelta(seconds=60)),
+        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])), limit=1)
+    return (now - page.events[0].occurred).total_seconds() if page.events else None
+
+
+async def silent_after_s(deployment: str, beats: int = SILENT_BEATS) -> float | None:
+    """How long a child of `deployment` may go without a heartbeat before the batch takes it
+    as lost: `beats` of the deployment's PREFECT_FLOWS_HEARTBEAT_FREQUENCY (None when it sets
+    none: its runs do not beat)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(deployment)
+    every = ((dep.job_variables or {}).get("env") or {}).get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY")
+    return float(every) * beats if every else None
 
 
 def row_record_key(store: Store, key: str, line: int) -> str:
@@ -177,17 +213,20 @@ async def run_row(
     *, store: Store, request: dict[str, Any], line: int, key: str, options: dict[str, Any], run_name: str,
     deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 420.0,
     poll_s: float = 3.0, max_attempts: int = 8, row_deadline_s: float = 3 * 3600.0, request_sha: str | None = None,
-    dispatching: asyncio.Semaphore | None = None,
+    dispatching: asyncio.Semaphore | None = None, silent_s: float | None = None,
 ) -> dict[str, Any]:
     """One row through the work pool, brought home or failed for a reason of its own.
 
     Returns {status: completed|failed, fingerprint, s3_uri, request_id, seed, cost, run_name,
     attempts, error, flow_run_id}; the outcome is also recorded for reruns. `dispatching`: the
     batch's bound on child runs being created at once (a batch run started again looks for all
-    its in-flight children at once, on the server its children ask for their request slots)."""
+    its in-flight children at once, on the server its children ask for their request slots).
+    `silent_s`: a RUNNING child silent that long is set CRASHED and dispatched again (:func:`lost`;
+    None: not judged)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled, Crashed
 
     record_key = row_record_key(store, key, line)
     record, _ = await patient(lambda: store.read_json(record_key), f"line {line}: row record", log)
@@ -268,8 +307,16 @@ async def run_row(
                     break
                 if never_started(child.state, _age_s(st), start_timeout_s):
                     log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
-                    await _cancel(client, fr_id, log)
+                    await _end(client, fr_id, Cancelled(message="not started in time; dispatched again"), log)
                     break
+                age = _age_s(st)
+                if lost(child.state, state_age_s=age, beat_age_s=None, silent_s=silent_s):  # its beats decide
+                    beat = await patient(lambda: _last_beat_age_s(client, fr_id, silent_s), f"line {line}: beats", log)
+                    if lost(child.state, state_age_s=age, beat_age_s=beat, silent_s=silent_s):
+                        log(f"line {line}: child {name} RUNNING with no heartbeat for {silent_s:.0f} s; crashing it, again")
+                        await _end(client, fr_id, Crashed(message=f"no heartbeat for {silent_s:.0f} s (the batch's "
+                                                                  "check): its worker is gone; dispatched again"), log)
+                        break
             if outcome is None:
                 await asyncio.sleep(min(30.0, 2.0 * child.attempts) * random.uniform(0.8, 1.2))
     outcome.update(line=line, run_name=name, attempts=child.attempts, flow_run_id=child.flow_run_id)
@@ -279,14 +326,13 @@ async def run_row(
     return outcome
 
 
-async def _cancel(client: Any, flow_run_id: Any, log: Log) -> None:
-    from prefect.states import Cancelled
-
+async def _end(client: Any, flow_run_id: Any, state: Any, log: Log) -> None:
+    """Set a child given up on to `state` (best effort: a child that goes on after all makes
+    the same fingerprint, and the ledger resumes its request)."""
     try:
-        await client.set_flow_run_state(flow_run_id, Cancelled(message="not started in time; dispatched again"),
-                                        force=True)
-    except Exception as e:  # best effort: a child that starts after all makes the same fingerprint
-        log(f"cancel of {flow_run_id} failed: {e}")
+        await client.set_flow_run_state(flow_run_id, state, force=True)
+    except Exception as e:
+        log(f"setting {flow_run_id} {state.type.value} failed: {e}")
 
 
 async def _record(store: Store, key: str, doc: dict[str, Any], log: Log) -> None:

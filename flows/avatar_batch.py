@@ -98,7 +98,7 @@ async def _make(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[
 
 async def _make_remote(row: Row, estimate: float, slots: asyncio.Semaphore, opts: dict[str, Any], run_name: str,
                        *, store: Any, key: str, deployment: str, logger: Any,
-                       dispatching: asyncio.Semaphore | None = None) -> dict[str, Any]:
+                       dispatching: asyncio.Semaphore | None = None, silent_s: float | None = None) -> dict[str, Any]:
     """One row as a run of the on-demand deployment (a linked child run on any worker of the
     pool); its outcome from the archive, orchestrator failures retried (avatarflow.fleet)."""
     async with slots:
@@ -107,7 +107,7 @@ async def _make_remote(row: Row, estimate: float, slots: asyncio.Semaphore, opts
                 store=store, request=row.request.model_dump(mode="json", exclude_none=True), line=row.line,
                 key=key, options={k: v for k, v in opts.items() if v is not None}, run_name=run_name,
                 deployment=deployment, log=logger.info, request_sha=fleet.request_sha(row.request),
-                dispatching=dispatching)
+                dispatching=dispatching, silent_s=silent_s)
         except Exception as e:  # the archive or the server out of reach past every retry
             return _entry(row, "failed", estimated_cost=estimate, run_name=run_name,
                           error=f"not brought home: {type(e).__name__}: {e}")
@@ -288,12 +288,21 @@ async def avatar_batch(
     mode = fan_out if fan_out != "auto" else ("deployment" if this_deployment.id else "subflow")
     logger.info("rows as %s", f"runs of the deployment {child_deployment}" if mode == "deployment"
                 else "subflows in this process")
+    silent_s = None
+    if mode == "deployment":
+        try:
+            silent_s = await fleet.patient(lambda: fleet.silent_after_s(child_deployment), "child deployment",
+                                           logger.info, deadline_s=300)
+        except Exception as e:  # no heartbeat window: children lost unseen by the automations wait
+            logger.warning("heartbeat window of %s not read (%s): lost children are left to the automations",
+                           child_deployment, e)
 
     async def one(row: Row, estimate: float) -> dict[str, Any]:
         name = f"{batch_name}-line-{row.line}"
         if mode == "deployment":
             entry = await _make_remote(row, estimate, slots, opts, name, store=store, key=key,
-                                       deployment=child_deployment, logger=logger, dispatching=dispatching)
+                                       deployment=child_deployment, logger=logger, dispatching=dispatching,
+                                       silent_s=silent_s)
         else:
             entry = await _make_here(row, estimate, slots, opts, name, store=store, key=key, logger=logger)
         progress.done += 1

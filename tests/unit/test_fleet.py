@@ -31,12 +31,13 @@ def test_a_child_a_worker_took_and_never_started_is_dispatched_again():
 class FakePrefect:
     """run_deployment and the client run_row uses: each dispatched child's state from `states`
     (in order; the last repeats), as (type, message, age in minutes); what was dispatched,
-    read and cancelled."""
+    read, cancelled and crashed; no child sends heartbeats."""
 
     def __init__(self, monkeypatch, states):
         from prefect.exceptions import ObjectNotFound
 
         self.states, self.dispatched, self.read, self.cancelled, self.runs = list(states), [], [], [], {}
+        self.crashed, self.beats_asked = [], []
         fake = self
 
         async def run_deployment(name, *, idempotency_key, **kw):
@@ -61,7 +62,11 @@ class FakePrefect:
                 return []
 
             async def set_flow_run_state(self, run_id, state, force=False):
-                fake.cancelled.append(str(run_id))
+                (fake.crashed if state.type.value == "CRASHED" else fake.cancelled).append(str(run_id))
+
+            async def read_events(self, filter=None, limit=100):  # no heartbeat, ever
+                fake.beats_asked.append(filter)
+                return SimpleNamespace(events=[], total=0)
 
         monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
         monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda: Client())
@@ -107,3 +112,28 @@ def test_a_batch_run_started_again_reads_a_rows_child_in_flight_instead_of_dispa
     assert fake.dispatched == ([] if known else ["k:3:3"])
     assert out["status"] == "failed" and out["attempts"] == (2 if known else 3)
     assert out["run_name"] == ("row-retry-1" if known else "row-retry-2")
+
+
+def test_a_running_child_is_lost_only_when_it_has_been_silent_past_the_window():
+    """RUNNING for a while is a video being made; RUNNING with no heartbeat (nor state) for
+    `silent_s` is a dead worker's child that the crash automation missed."""
+    assert fleet.lost("RUNNING", state_age_s=900.0, beat_age_s=None, silent_s=300.0)
+    assert fleet.lost("RUNNING", state_age_s=900.0, beat_age_s=301.0, silent_s=300.0)
+    assert not fleet.lost("RUNNING", state_age_s=900.0, beat_age_s=20.0, silent_s=300.0)
+    assert not fleet.lost("RUNNING", state_age_s=200.0, beat_age_s=None, silent_s=300.0)
+    assert not fleet.lost("RUNNING", state_age_s=900.0, beat_age_s=None, silent_s=None)  # no heartbeats expected
+    assert not fleet.lost("PENDING", state_age_s=900.0, beat_age_s=None, silent_s=300.0)
+
+
+def test_a_running_child_whose_heartbeats_stopped_and_that_no_automation_crashed_is_dispatched_again(monkeypatch):
+    """The fleet bench: five children were killed with their worker a minute into the run; the
+    Prefect server restarted around the crash detector's window, and the automation never set
+    them CRASHED: RUNNING for 45 minutes, the batch waiting on them, the bench's tail stuck. The
+    batch's own check reads the child's heartbeats: silent past `silent_s`, the child is set
+    CRASHED and the row dispatched again."""
+    fake = FakePrefect(monkeypatch, [("RUNNING", None, 30), ("FAILED", "JobFailed: the API failed it", 0)])
+    out = asyncio.run(asyncio.wait_for(fleet.run_row(
+        store=FakeStore(), request={"image": "x.jpg", "voice_script": "x"}, line=3, key="k", options={},
+        run_name="row", log=lambda m: None, poll_s=0.01, silent_s=300.0), timeout=10))
+    assert fake.dispatched == ["k:3:1", "k:3:2"] and fake.crashed == [fake.read[0]]
+    assert fake.beats_asked and out["status"] == "failed" and "JobFailed" in out["error"]
