@@ -28,7 +28,8 @@ pool and outlive the batch's own worker. The orchestrator is not the row's truth
 
 Crashed runs are detected by Prefect itself: flow runs send heartbeats
 (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and an automation (``avatarflow deploy``) marks a run
-whose heartbeats stop as CRASHED (avatarflow.automations).
+whose heartbeats stop as CRASHED (avatarflow.automations). A child the automation missed (a
+server restart inside its window) is found by the batch itself, later (:func:`lost`).
 """
 
 from __future__ import annotations
