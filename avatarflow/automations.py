@@ -1,6 +1,6 @@
 """The automations `avatarflow deploy` installs so that nothing waits on a dead worker: runs whose
-heartbeats stop are CRASHED (the batch dispatches their rows again), runs a dead worker took go
-back to the queue, and a batch run whose worker died is run again.
+heartbeats stop are CRASHED, crashed runs go back to the queue and pick up where they stopped,
+and runs a dead worker took and never started go back too.
 
 One requeue per way a run is lost, never two: an action is late by as much as the server's event
 pipeline lags (83 s under the fleet bench's load), and a second requeue of one crash forced
@@ -19,16 +19,17 @@ BATCH_PENDING_AUTOMATION = "avatarflow: batch run stuck in Pending (its worker d
 BATCH_PENDING_S = 120  # sooner: while the batch run waits, no row is dispatched
 BATCH_FLOWS = ("avatar_batch",)
 ROW_FLOWS = ("avatar_video", "avatar_resume", "avatar_watch")  # every other avatarflow flow
-BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
-BATCH_TAG = "batch"  # the tag of the content-calendar deployment (prefect.yaml)
+CRASHED_AUTOMATION = "avatarflow: flow run crashed (its worker died): run it again"
 TAG = "avatarflow"  # the tag of every avatarflow deployment (prefect.yaml)
 HEARTBEAT_S = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the deployments' runs (Prefect's minimum)
 MISSED_HEARTBEATS = 3
 BATCH_HEARTBEAT_AUTOMATION = "avatarflow: batch run silent (heartbeats stopped): run it again"
+BATCH_AUTOMATION = "avatarflow: batch run crashed (its worker died): run it again"
 # Installed by earlier versions, deleted by `avatarflow deploy`: the batch's second requeue (on its
 # silence, for Crashed events held after a server restart; avatarflow.local.services.prefect_ordering
-# keeps them flowing now).
-RETIRED = (BATCH_HEARTBEAT_AUTOMATION,)
+# keeps them flowing now), and its requeue on Crashed, now CRASHED_AUTOMATION's for every run (two
+# would requeue one batch run twice).
+RETIRED = (BATCH_HEARTBEAT_AUTOMATION, BATCH_AUTOMATION)
 TAGGED = "prefect.tag.{tag}"
 
 
@@ -63,8 +64,8 @@ def crash_automation(within_s: float = HEARTBEAT_S * MISSED_HEARTBEATS) -> Any:
 
     return AutomationCore(
         name=CRASH_AUTOMATION,
-        description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED, so the "
-                    "avatarflow batch dispatches their rows again.",
+        description="Flow runs whose heartbeats stopped (their worker died) are set CRASHED (and so go "
+                    "back to the queue).",
         trigger=_silent_for(within_s),
         actions=[ChangeFlowRunState(state=StateType.CRASHED,
                                     message=f"no heartbeat for {within_s:.0f} s: its worker is gone")],
@@ -105,29 +106,35 @@ def batch_pending_automation(within_s: float = BATCH_PENDING_S) -> Any:
     return pending_automation(within_s, BATCH_FLOWS, BATCH_PENDING_AUTOMATION)
 
 
-def crashed_batch_automation(tag: str = BATCH_TAG) -> Any:
-    """A batch run (a flow run tagged `tag`) that CRASHED (its worker died; the heartbeat
-    automation says so) goes back to SCHEDULED, and a live worker runs it again: the same flow
-    run picks up where it stopped (archived rows from their records, in-flight rows' children
-    read again by the ids recorded). Without it the batch stays CRASHED, and its rows wait for
-    someone to rerun it. Rows' own runs are not requeued: the batch dispatches them again. The
-    only requeue of a crashed batch: it acts on a run still CRASHED however late it comes, as
-    nothing else puts the run back. After a server restart the Crashed event is held until the
-    server has seen the one it follows; the local server counts the events of its previous life
-    as seen (avatarflow.local.services.prefect_ordering; README: automations after a restart)."""
+def crashed_automation() -> Any:
+    """A run of an avatarflow deployment that CRASHED (its worker died; the heartbeat automation
+    says so) goes back to SCHEDULED, and a live worker runs it again: the same flow run picks up
+    where it stopped (a row's request resumed from the ledger; a batch's archived rows from their
+    records, its in-flight children read again by the ids recorded). Rows' runs too: left to the
+    batch, a crashed row waited while the batch's own worker was dead (the fleet bench: 9 to 16
+    requests a minute of 20 over its last 90 rows). Runs of no deployment (a script's) are left
+    alone: no worker would take them. The only requeue of a crash: it acts on a run still CRASHED
+    however late it comes, as nothing else puts the run back (the batch dispatches a row again
+    only after `fleet.REQUEUE_GRACE_S`). A run that crashes on its own is started at most
+    `fleet.MAX_STARTS` times (`MAX_BATCH_STARTS` for a batch). After a server restart the
+    Crashed event is held until the server has seen the one it follows; the local server counts
+    the events of its previous life as seen (avatarflow.local.services.prefect_ordering; README:
+    automations after a restart)."""
     from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
     return AutomationCore(
-        name=BATCH_AUTOMATION,
-        description="Batch runs whose worker died go back to the queue; the batch resumes its rows.",
+        name=CRASHED_AUTOMATION,
+        description="Runs of avatarflow deployments whose worker died go back to the queue and pick up "
+                    "where they stopped.",
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
-            match_related={"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=tag)},
+            match_related=[{"prefect.resource.role": "tag", "prefect.resource.id": TAGGED.format(tag=TAG)},
+                           {"prefect.resource.role": "deployment"}],
             expect={"prefect.flow-run.Crashed"},
             posture=Posture.Reactive,
             threshold=1,
         ),
-        actions=[_back_in_the_queue("the batch run crashed (its worker died)")],
+        actions=[_back_in_the_queue("the run crashed (its worker died)")],
     )
 
 
@@ -140,17 +147,23 @@ def _back_in_the_queue(why: str) -> Any:
 
 def all_automations() -> list[Any]:
     """What `avatarflow deploy` installs, in order."""
-    return [crash_automation(), pending_automation(), batch_pending_automation(), crashed_batch_automation()]
+    return [crash_automation(), pending_automation(), batch_pending_automation(), crashed_automation()]
 
 
-async def ensure_automation(automation: Any) -> str:
+async def _delete_named(client: Any, name: str) -> None:
+    for old in await client.read_automations_by_name(name):
+        await client.delete_automation(old.id)
+
+
+async def ensure_automation(automation: Any, client: Any = None) -> str:
     """Create `automation`, replacing any of its name; its id."""
     from prefect.client.orchestration import get_client
 
-    async with get_client() as client:
-        for old in await client.read_automations_by_name(automation.name):
-            await client.delete_automation(old.id)
-        return str(await client.create_automation(automation))
+    if client is None:
+        async with get_client() as client:
+            return await ensure_automation(automation, client)
+    await _delete_named(client, automation.name)
+    return str(await client.create_automation(automation))
 
 
 async def install() -> dict[str, str]:
@@ -159,6 +172,5 @@ async def install() -> dict[str, str]:
 
     async with get_client() as client:
         for name in RETIRED:
-            for old in await client.read_automations_by_name(name):
-                await client.delete_automation(old.id)
-    return {a.name: await ensure_automation(a) for a in all_automations()}
+            await _delete_named(client, name)
+        return {a.name: await ensure_automation(a, client) for a in all_automations()}

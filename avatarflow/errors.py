@@ -23,6 +23,11 @@ class DeployError(AvatarflowError, RuntimeError):
     """The Prefect set-up did not come out as asked."""
 
 
+class TooManyStarts(AvatarflowError):
+    """A flow run put back in the queue after each crash (avatarflow.automations) that crashed
+    too often: it crashes on its own (out of memory, say), not with a worker. Final."""
+
+
 class APIError(AvatarflowError):
     """An answer from the API that is not a success."""
 

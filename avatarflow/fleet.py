@@ -13,8 +13,9 @@ pool and outlive the batch's own worker. The orchestrator is not the row's truth
   (its portrait, its fields) ends the row as failed.
 * **Orchestrator failures never fail a row** (a 503, a reset connection, a server restart, a
   child that never started, a crashed worker): every call to the server is retried with backoff
-  until it answers; a child that crashed, was cancelled, or did not start within
-  ``start_timeout_s`` after a worker took it is dispatched again (a new child, with an
+  until it answers; a crashed child goes back to the queue by itself (avatarflow.automations)
+  and is followed; a child left CRASHED past ``requeue_grace_s``, cancelled, or not started
+  within ``start_timeout_s`` after a worker took it is dispatched again (a new child, with an
   idempotency key per attempt).
   Dispatching again is safe: a row's request carries a seed (rows without one get
   :func:`row_seed`, derived from the calendar, the day and the line), so a second child makes
@@ -27,10 +28,10 @@ pool and outlive the batch's own worker. The orchestrator is not the row's truth
   (checked against the archive again) and does not dispatch them.
 
 Crashed runs are detected by Prefect itself: flow runs send heartbeats
-(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), and an automation (``avatarflow deploy``) marks a run
-whose heartbeats stop as CRASHED (avatarflow.automations). A child the automation missed (a
-server restart inside its window) is found by the batch itself, later (:func:`lost`).
-"""
+(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``), an automation (``avatarflow deploy``) marks a run whose
+heartbeats stop as CRASHED and another puts it back in the queue (avatarflow.automations), so a
+row goes on while its batch's own worker is dead. A child the automation missed (a server
+restart inside its window) is found by the batch itself, later (:func:`lost`)."""
 
 from __future__ import annotations
 
@@ -54,10 +55,12 @@ RETRYABLE = ("CRASHED", "CANCELLED")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 SEED_SPACE = 1_000_000_000
 SILENT_BEATS = 10  # heartbeats missed before the batch takes a RUNNING child as lost (the automation: 3)
+MAX_STARTS = 8  # a row's run put back in the queue after each crash: starts before it fails
+REQUEUE_GRACE_S = 90.0  # a CRASHED child is left to the automation that puts it back this long
 # A child that failed with one of these failed for its row's own reason: not dispatched again
 # (JobFailed: the API's FAILED, recorded `failed` in the ledger; a new child would post again).
 FINAL_ERRORS = ("JobFailed", "MediaError", "ContractError", "TemplateError", "BadRequest", "Unauthorized",
-                "Forbidden", "InsufficientCredits", "JobExpired", "ValidationError", "SourceError")
+                "Forbidden", "InsufficientCredits", "JobExpired", "ValidationError", "SourceError", "TooManyStarts")
 _FP = re.compile(r"/videos/([0-9a-f]{64})/video\.mp4")
 
 Log = Callable[[str], Any]
@@ -98,6 +101,24 @@ def never_started(state: str | None, waited_s: float, start_timeout_s: float) ->
     is for a server without it. A SCHEDULED child is waiting its turn in the pool's queue
     (workers take runs as their `--limit` allows): it is left there."""
     return state == "PENDING" and waited_s > start_timeout_s
+
+
+def left_crashed(state: str | None, state_age_s: float, grace_s: float) -> bool:
+    """A CRASHED child that no automation put back in the queue within `grace_s` (a server
+    without it, a Crashed event lost): the batch dispatches its row again. Within it, the child
+    is followed: put back, the same run goes on (`avatarflow deploy`'s crash requeue acts in
+    seconds, and goes on while the batch's own worker is dead)."""
+    return state == "CRASHED" and state_age_s > grace_s
+
+
+def refuse_restart_loop(starts: int | None, limit: int, again: str) -> None:
+    """Fail a flow run started more than `limit` times: each crash puts it back in the queue
+    (avatarflow.automations), and a run that crashes on its own would start for ever."""
+    from avatarflow.errors import TooManyStarts
+
+    if (starts or 0) > limit:
+        raise TooManyStarts(f"this run has started {starts} times (it crashed each time; out of memory?); it is "
+                            f"not started again: {again}")
 
 
 def lost(state: str | None, *, state_age_s: float, beat_age_s: float | None, silent_s: float | None) -> bool:
@@ -215,6 +236,7 @@ async def run_row(
     deployment: str = CHILD_DEPLOYMENT, log: Log = print, start_timeout_s: float = 420.0,
     poll_s: float = 3.0, max_attempts: int = 8, row_deadline_s: float = 3 * 3600.0, request_sha: str | None = None,
     dispatching: asyncio.Semaphore | None = None, silent_s: float | None = None,
+    requeue_grace_s: float = REQUEUE_GRACE_S,
 ) -> dict[str, Any]:
     """One row through the work pool, brought home or failed for a reason of its own.
 
@@ -222,8 +244,9 @@ async def run_row(
     attempts, error, flow_run_id}; the outcome is also recorded for reruns. `dispatching`: the
     batch's bound on child runs being created at once (a batch run started again looks for all
     its in-flight children at once, on the server its children ask for their request slots).
-    `silent_s`: a RUNNING child silent that long is set CRASHED and dispatched again (:func:`lost`;
-    None: not judged)."""
+    `silent_s`: a RUNNING child silent that long is set CRASHED (:func:`lost`; None: not judged).
+    A CRASHED child is followed for `requeue_grace_s` (the crash requeue puts it back in the
+    queue), then its row is dispatched again (:func:`left_crashed`)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -303,21 +326,22 @@ async def run_row(
                     else:  # maybe the orchestrator's doing (its API gone mid-run): once more
                         log(f"line {line}: child {name} failed ({child.message}); once more")
                     break
+                age = _age_s(st)
+                if child.state == "CRASHED" and not left_crashed(child.state, age, requeue_grace_s):
+                    continue  # the crash requeue puts this run back in the queue: followed
                 if child.state in RETRYABLE:
                     log(f"line {line}: child {name} {child.state} ({child.message}); dispatching again")
                     break
-                if never_started(child.state, _age_s(st), start_timeout_s):
+                if never_started(child.state, age, start_timeout_s):
                     log(f"line {line}: child {name} not started after {start_timeout_s:.0f} s; cancelling it, again")
                     await _end(client, fr_id, Cancelled(message="not started in time; dispatched again"), log)
                     break
-                age = _age_s(st)
                 if lost(child.state, state_age_s=age, beat_age_s=None, silent_s=silent_s):  # its beats decide
                     beat = await patient(lambda: _last_beat_age_s(client, fr_id, silent_s), f"line {line}: beats", log)
                     if lost(child.state, state_age_s=age, beat_age_s=beat, silent_s=silent_s):
-                        log(f"line {line}: child {name} RUNNING with no heartbeat for {silent_s:.0f} s; crashing it, again")
+                        log(f"line {line}: child {name} RUNNING with no heartbeat for {silent_s:.0f} s; crashing it")
                         await _end(client, fr_id, Crashed(message=f"no heartbeat for {silent_s:.0f} s (the batch's "
-                                                                  "check): its worker is gone; dispatched again"), log)
-                        break
+                                                                  "check): its worker is gone"), log)
             if outcome is None:
                 await asyncio.sleep(min(30.0, 2.0 * child.attempts) * random.uniform(0.8, 1.2))
     outcome.update(line=line, run_name=name, attempts=child.attempts, flow_run_id=child.flow_run_id)

@@ -47,7 +47,6 @@ from prefect.runtime import flow_run
 from avatarflow import fleet
 from avatarflow.budget import estimate_cost, plan
 from avatarflow.calendar import Row, check_sources, due, read_calendar
-from avatarflow.errors import AvatarflowError
 from avatarflow.inputs import TemplateError
 from avatarflow.media.policy import display_source, resolve_policy
 from avatarflow.flows.avatar_video import avatar_video, resolve
@@ -228,11 +227,8 @@ async def avatar_batch(
         if done:  # it had finished (a server restart held back its Completed event): nothing to make
             logger.info("this run finished before (its manifest is in the archive): its rows are not made again")
             return _result(store, done)
-        if starts > MAX_BATCH_STARTS:
-            raise AvatarflowError(
-                f"this batch run has started {starts} times (its worker died each time; out of memory?); "
-                f"it is not started again: run the deployment again for the same calendar and day "
-                f"(archived rows are kept, in-flight requests resumed)")
+        fleet.refuse_restart_loop(starts, MAX_BATCH_STARTS, "run the deployment again for the same calendar and "
+                                                            "day (archived rows are kept, in-flight requests resumed)")
     day = today or datetime.now(timezone.utc).date()
     # the calendar and its rows' sources are untrusted: fetched and checked through the operator's
     # source policy (no parameter of this flow widens it)

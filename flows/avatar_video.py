@@ -13,7 +13,7 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from avatarflow import config, progress
+from avatarflow import config, fleet, progress
 from avatarflow.contract import DEFAULT_VOICE
 from avatarflow.ledger import Ledger
 from avatarflow.manifest import Archived
@@ -140,7 +140,10 @@ async def pipeline_context(
     credentials_block: str | None, archive_block: str | None, backend: str | None, concurrency_limit: str | None,
     expected_seconds: float | None = None,
 ) -> AsyncIterator[Context]:
-    """The pipeline's context for a flow run: API and archive resolved, the run's logger."""
+    """The pipeline's context for a flow run: API and archive resolved, the run's logger. A run
+    put back in the queue after too many crashes fails here, before any request."""
+    fleet.refuse_restart_loop(flow_run.run_count, fleet.MAX_STARTS,
+                              "run it again by hand (its request, if it was sent, is resumed from the ledger)")
     logger = get_run_logger()
     api, store = await resolve(credentials_block, archive_block, backend)
 

@@ -11,7 +11,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
+from prefect.runtime import flow_run
 
+from avatarflow import fleet
 from avatarflow.uploads import rejected_event
 from avatarflow.watch import (
     DEFAULT_PREFIX,
@@ -41,6 +43,7 @@ async def avatar_watch(
     one derived from the object. `full_scan`: list the whole prefix (default: hourly), which
     also finds names sorting before the cursor. Objects younger than `settle_seconds` wait for
     the next scan (upload the sidecar first)."""
+    fleet.refuse_restart_loop(flow_run.run_count, fleet.MAX_STARTS, "the next scheduled run scans again")
     logger = get_run_logger()
     store = await resolve_store(archive_block)
     watcher = Watcher(store, prefix, emit=post_event, lease_seconds=lease_seconds, settle_seconds=settle_seconds,

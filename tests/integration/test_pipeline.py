@@ -107,6 +107,27 @@ def test_failed_job_fails_the_flow_with_the_apis_message(api, pipeline_env, requ
         run(**request_args, seed=31)
 
 
+@pytest.mark.parametrize("flow", ["avatar_video", "avatar_resume"])
+def test_a_run_started_too_many_times_fails_before_any_request(api, pipeline_env, request_args, monkeypatch, flow):
+    """A crashed run of a deployment goes back to the queue (avatarflow.automations); one that
+    crashes its process every time (out of memory, say) would be started for ever. Past
+    `MAX_STARTS` it fails with a final error, before any request."""
+    from avatarflow.errors import TooManyStarts
+    from avatarflow.fleet import MAX_STARTS
+    from avatarflow.flows.avatar_resume import avatar_resume
+
+    before = api_calls(api)
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__RUN_COUNT", str(MAX_STARTS + 1))
+    with pytest.raises(TooManyStarts, match=f"started {MAX_STARTS + 1} times"):
+        if flow == "avatar_video":
+            run(**request_args, seed=77)
+        else:
+            asyncio.run(avatar_resume(request_id="r-none"))
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__RUN_COUNT", str(MAX_STARTS))
+    assert run(**request_args, seed=77)["request_id"]  # up to MAX_STARTS, a run goes on
+    assert api_calls(api) > before
+
+
 def test_lost_submit_answer_is_reconciled_without_a_second_post(api, pipeline_env, request_args):
     api.set_faults({"submit_drop_after_accept": 1.0, "count": 1})
     submits = calls(api, "submit")

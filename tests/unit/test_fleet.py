@@ -30,14 +30,14 @@ def test_a_child_a_worker_took_and_never_started_is_dispatched_again():
 
 class FakePrefect:
     """run_deployment and the client run_row uses: each dispatched child's state from `states`
-    (in order; the last repeats), as (type, message, age in minutes); what was dispatched,
-    read, cancelled and crashed; no child sends heartbeats."""
+    (in order; the last repeats), as (type, message, age in minutes); a run's next states, one a
+    read, in `then`; what was dispatched, read, cancelled and crashed; no child sends heartbeats."""
 
     def __init__(self, monkeypatch, states):
         from prefect.exceptions import ObjectNotFound
 
         self.states, self.dispatched, self.read, self.cancelled, self.runs = list(states), [], [], [], {}
-        self.crashed, self.beats_asked = [], []
+        self.crashed, self.beats_asked, self.then = [], [], {}
         fake = self
 
         async def run_deployment(name, *, idempotency_key, **kw):
@@ -56,6 +56,8 @@ class FakePrefect:
                 fake.read.append(str(run_id))
                 if str(run_id) not in fake.runs:
                     raise ObjectNotFound(None)
+                if fake.then.get(str(run_id)):
+                    fake.add(run_id, *fake.then[str(run_id)].pop(0))
                 return SimpleNamespace(state=fake.runs[str(run_id)])
 
             async def read_artifacts(self, **kw):
@@ -63,6 +65,7 @@ class FakePrefect:
 
             async def set_flow_run_state(self, run_id, state, force=False):
                 (fake.crashed if state.type.value == "CRASHED" else fake.cancelled).append(str(run_id))
+                fake.add(run_id, state.type.value, state.message)
 
             async def read_events(self, filter=None, limit=100):  # no heartbeat, ever
                 fake.beats_asked.append(filter)
@@ -130,10 +133,45 @@ def test_a_running_child_whose_heartbeats_stopped_and_that_no_automation_crashed
     Prefect server restarted around the crash detector's window, and the automation never set
     them CRASHED: RUNNING for 45 minutes, the batch waiting on them, the bench's tail stuck. The
     batch's own check reads the child's heartbeats: silent past `silent_s`, the child is set
-    CRASHED and the row dispatched again."""
+    CRASHED, and (no automation putting it back here) the row is dispatched again."""
     fake = FakePrefect(monkeypatch, [("RUNNING", None, 30), ("FAILED", "JobFailed: the API failed it", 0)])
     out = asyncio.run(asyncio.wait_for(fleet.run_row(
         store=FakeStore(), request={"image": "x.jpg", "voice_script": "x"}, line=3, key="k", options={},
-        run_name="row", log=lambda m: None, poll_s=0.01, silent_s=300.0), timeout=10))
+        run_name="row", log=lambda m: None, poll_s=0.01, silent_s=300.0, requeue_grace_s=0.0), timeout=10))
     assert fake.dispatched == ["k:3:1", "k:3:2"] and fake.crashed == [fake.read[0]]
     assert fake.beats_asked and out["status"] == "failed" and "JobFailed" in out["error"]
+
+
+def test_a_crashed_child_that_the_automation_puts_back_in_the_queue_is_followed_not_dispatched_again(monkeypatch):
+    """The fleet bench: a crashed child waited for its batch to dispatch the row again, and the
+    batch's own worker was dead 5 times a run: nobody did. Prefect puts a crashed run of a
+    deployment back in the queue itself (avatarflow.automations); the batch follows that run to
+    its end, and dispatches no second child of the row."""
+    fake = FakePrefect(monkeypatch, [("RUNNING", None, 0)])
+    real_add = fake.add
+
+    def add(run_id, kind, message=None, minutes=0):  # the first child's next states, read by read
+        fake.then.setdefault(str(run_id), [("CRASHED", "no heartbeat for 90 s"), ("SCHEDULED",), ("RUNNING",),
+                                           ("FAILED", "JobFailed: the API failed it")])
+        return real_add(run_id, kind, message, minutes)
+
+    fake.add = add
+    out = _run_row(FakeStore())
+    assert fake.dispatched == ["k:3:1"] and out["attempts"] == 1
+    assert out["status"] == "failed" and "JobFailed" in out["error"]
+
+
+def test_a_child_left_crashed_past_the_requeue_s_grace_is_dispatched_again(monkeypatch):
+    """No automation put it back (a server that has none, an event lost): the batch dispatches the
+    row again, as before."""
+    fake = FakePrefect(monkeypatch, [("CRASHED", "no heartbeat for 90 s", 5), ("FAILED", "JobFailed: the API failed it", 0)])
+    out = _run_row(FakeStore())
+    assert fake.dispatched == ["k:3:1", "k:3:2"] and out["status"] == "failed" and "JobFailed" in out["error"]
+
+
+def test_a_child_that_crashed_too_often_fails_its_row_at_once(monkeypatch):
+    """A run put back after each crash ends FAILED after `MAX_STARTS` starts (a crash of its
+    own, not a worker's): the row fails with it, with no further child to crash the same way."""
+    fake = FakePrefect(monkeypatch, [("FAILED", "TooManyStarts: this run has started 9 times", 0)])
+    out = _run_row(FakeStore())
+    assert fake.dispatched == ["k:3:1"] and out["status"] == "failed" and "TooManyStarts" in out["error"]
