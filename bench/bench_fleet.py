@@ -23,6 +23,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,8 +32,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-
 
 from bench.fleet_rig import (
     DAY,
@@ -180,8 +179,8 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
         loaded_minutes = max((loaded_end - t_first) / 60.0, 1e-9)
         children = [c for r in runs for c in fleet.children(r)]
         moves = [transitions(fleet.history(r)) for r in runs + [c["id"] for c in children]]
-        starts = sorted(x for m in moves for x in m["starts"])
-        runs_s = sorted(x for m in moves[len(runs):] for x in m["completions"])
+        starts = [x for m in moves for x in m["starts"]]
+        runs_s = [x for m in moves[len(runs):] for x in m["completions"]]
         figures.update({
             "rows_completed": (manifest or {}).get("completed", 0),
             "rows_failed": (manifest or {}).get("failed"),
@@ -204,9 +203,10 @@ def run_fleet(*, rows: int, workers: int, requests_per_minute: int, kill_every: 
             "s3_restart_s": events["s3_restart_s"],
             "child_runs": len(children),
             "child_states": dict(Counter(c["state_type"] for c in children)),
-            "starts_s": {"n": len(starts), "p50": starts[len(starts) // 2] if starts else None,
-                         "p95": starts[int(len(starts) * 0.95)] if starts else None, "max": max(starts, default=None)},
-            "child_run_s": {"n": len(runs_s), "p50": runs_s[len(runs_s) // 2] if runs_s else None},
+            "starts_s": {"n": len(starts), "p50": statistics.median(starts) if starts else None,
+                         "p95": statistics.quantiles(starts, n=20)[-1] if len(starts) > 1 else None,
+                         "max": max(starts, default=None)},
+            "child_run_s": {"n": len(runs_s), "p50": statistics.median(runs_s) if runs_s else None},
             "requeued_live": sum(len(m["requeued_live"]) for m in moves),
             "requeued_pending": sum(len(m["requeued_pending"]) for m in moves),
             "failed_errors": sorted({str(e.get("error"))[:160] for e in (manifest or {}).get("rows", [])
