@@ -103,12 +103,12 @@ def never_started(state: str | None, waited_s: float, start_timeout_s: float) ->
     return state == "PENDING" and waited_s > start_timeout_s
 
 
-def left_crashed(state: str | None, state_age_s: float, grace_s: float) -> bool:
-    """A CRASHED child that no automation put back in the queue within `grace_s` (a server
-    without it, a Crashed event lost): the batch dispatches its row again. Within it, the child
-    is followed: put back, the same run goes on (`avatarflow deploy`'s crash requeue acts in
-    seconds, and goes on while the batch's own worker is dead)."""
-    return state == "CRASHED" and state_age_s > grace_s
+def awaiting_requeue(state: str | None, state_age_s: float, grace_s: float) -> bool:
+    """A child CRASHED for at most `grace_s`: followed, as `avatarflow deploy`'s crash requeue
+    puts it back in the queue (in seconds, and while the batch's own worker is dead too) and the
+    same run goes on. Past it (a server without the automation, a Crashed event lost), the batch
+    dispatches the row again."""
+    return state == "CRASHED" and state_age_s <= grace_s
 
 
 def refuse_restart_loop(starts: int | None, limit: int, again: str) -> None:
@@ -246,7 +246,7 @@ async def run_row(
     its in-flight children at once, on the server its children ask for their request slots).
     `silent_s`: a RUNNING child silent that long is set CRASHED (:func:`lost`; None: not judged).
     A CRASHED child is followed for `requeue_grace_s` (the crash requeue puts it back in the
-    queue), then its row is dispatched again (:func:`left_crashed`)."""
+    queue), then its row is dispatched again (:func:`awaiting_requeue`)."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -327,8 +327,8 @@ async def run_row(
                         log(f"line {line}: child {name} failed ({child.message}); once more")
                     break
                 age = _age_s(st)
-                if child.state == "CRASHED" and not left_crashed(child.state, age, requeue_grace_s):
-                    continue  # the crash requeue puts this run back in the queue: followed
+                if awaiting_requeue(child.state, age, requeue_grace_s):
+                    continue
                 if child.state in RETRYABLE:
                     log(f"line {line}: child {name} {child.state} ({child.message}); dispatching again")
                     break
