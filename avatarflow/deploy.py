@@ -3,8 +3,8 @@
 1. the global concurrency limit ``avatarflow-api`` with slot decay: the account's requests per
    minute, held across every worker (avatarflow.request_limit);
 2. the process work pool ``avatarflow-process`` (:func:`ensure_work_pool`);
-3. the automations of avatarflow.automations: runs whose worker died are CRASHED (the batch
-   dispatches their rows again) or put back in the queue, and so is a batch run;
+3. the automations of avatarflow.automations: runs whose worker died are CRASHED and put back in
+   the queue, and so are runs a dead worker took and never started;
 4. the deployments of deployments/prefect.yaml (``prefect deploy --all``), then read back through
    the client and checked against the file (entrypoint, work pool, parameters, schedules,
    triggers): :func:`deploy_all` raises :class:`DeployError` naming what is missing or different.
