@@ -30,8 +30,9 @@ def test_a_child_a_worker_took_and_never_started_is_dispatched_again():
 
 class FakePrefect:
     """run_deployment and the client run_row uses: each dispatched child's state from `states`
-    (in order; the last repeats), as (type, message, age in minutes); a run's next states, one a
-    read, in `then`; what was dispatched, read, cancelled and crashed; no child sends heartbeats."""
+    (in order; the last repeats), as (type, message, age in minutes), or a list of them: that
+    child's states, one a read (the last stays); what was dispatched, read, cancelled and
+    crashed; no child sends heartbeats."""
 
     def __init__(self, monkeypatch, states):
         from prefect.exceptions import ObjectNotFound
@@ -42,8 +43,11 @@ class FakePrefect:
 
         async def run_deployment(name, *, idempotency_key, **kw):
             fake.dispatched.append(idempotency_key)
-            kind, message, minutes = fake.states[min(len(fake.dispatched), len(fake.states)) - 1]
-            return SimpleNamespace(id=fake.add(uuid.uuid4(), kind, message, minutes))
+            entry = fake.states[min(len(fake.dispatched), len(fake.states)) - 1]
+            first, *later = entry if isinstance(entry, list) else [entry]
+            run_id = fake.add(uuid.uuid4(), *first)
+            fake.then[str(run_id)] = later
+            return SimpleNamespace(id=run_id)
 
         class Client:
             async def __aenter__(self):
@@ -56,9 +60,10 @@ class FakePrefect:
                 fake.read.append(str(run_id))
                 if str(run_id) not in fake.runs:
                     raise ObjectNotFound(None)
-                if fake.then.get(str(run_id)):
+                state = fake.runs[str(run_id)]
+                if fake.then.get(str(run_id)):  # the next read sees the next state
                     fake.add(run_id, *fake.then[str(run_id)].pop(0))
-                return SimpleNamespace(state=fake.runs[str(run_id)])
+                return SimpleNamespace(state=state)
 
             async def read_artifacts(self, **kw):
                 return []
@@ -147,15 +152,8 @@ def test_a_crashed_child_that_the_automation_puts_back_in_the_queue_is_followed_
     batch's own worker was dead 5 times a run: nobody did. Prefect puts a crashed run of a
     deployment back in the queue itself (avatarflow.automations); the batch follows that run to
     its end, and dispatches no second child of the row."""
-    fake = FakePrefect(monkeypatch, [("RUNNING", None, 0)])
-    real_add = fake.add
-
-    def add(run_id, kind, message=None, minutes=0):  # the first child's next states, read by read
-        fake.then.setdefault(str(run_id), [("CRASHED", "no heartbeat for 90 s"), ("SCHEDULED",), ("RUNNING",),
-                                           ("FAILED", "JobFailed: the API failed it")])
-        return real_add(run_id, kind, message, minutes)
-
-    fake.add = add
+    fake = FakePrefect(monkeypatch, [[("CRASHED", "no heartbeat for 90 s"), ("SCHEDULED",), ("RUNNING",),
+                                      ("FAILED", "JobFailed: the API failed it")]])
     out = _run_row(FakeStore())
     assert fake.dispatched == ["k:3:1"] and out["attempts"] == 1
     assert out["status"] == "failed" and "JobFailed" in out["error"]
